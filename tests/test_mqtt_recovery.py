@@ -1,0 +1,254 @@
+"""No lost prompts: daemons killed with SIGKILL, brokers restarted or down, fleets that shrink.
+
+Each test runs its own private Mosquitto (persistence on, so a restart keeps sessions) and real
+`edgellm serve` processes with the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.helpers import DaemonProcess, merge, write_config
+from tests.mqtt_broker import MosquittoBroker, Probe, free_port
+from tests.test_mqtt_daemon import ONCE, mqtt_overrides, start_daemon, wait_online
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    with MosquittoBroker(tmp_path / "broker") as b:
+        yield b
+
+
+def log_events(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    """The JSON log lines of a daemon, also after it exited (or was killed)."""
+    out = []
+    for line in daemon.log_path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def generated(daemon: DaemonProcess, request_id: str) -> int:
+    """How many times this daemon finished generating text for the id."""
+    return sum(
+        1
+        for e in log_events(daemon)
+        if e.get("event") == "request.finished"
+        and e.get("id") == request_id
+        and e.get("finish_reason") in ("stop", "length", "cancelled")
+    )
+
+
+def status(daemon: DaemonProcess) -> dict[str, Any]:
+    with daemon.client(timeout=10) as c:
+        return c.status()
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def finals_by_id(probe: Probe, topic: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for m in list(probe.messages):
+        if m.topic != topic:
+            continue
+        event = m.json
+        if event.get("event") in ("done", "error"):
+            out.setdefault(event["id"], []).append(event)
+    return out
+
+
+def test_kill_9_mid_generation_loses_nothing_and_generates_nothing_twice(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    node, inbox = "kill", "client/kill"
+    config = write_config(tmp_path / "d", gemma_path, merge(mqtt_overrides(broker, node), {"queue": {"max_depth": 16}}))
+    first = DaemonProcess(config)
+    first.wait_ready()
+    wait_online(broker, f"edgellm/{node}")
+    ids = [f"k{i}" for i in range(11)]
+    with Probe(broker, [inbox, f"edgellm/{node}/availability"]) as probe:
+        probe.publish(
+            f"edgellm/{node}/request",
+            {"id": ids[0], "prompt": ONCE, "raw": True, "max_tokens": 300, "stream": True},
+            response_topic=inbox,
+        )
+        probe.wait_for(lambda m: m.topic == inbox and m.json.get("event") == "token")
+        for rid in ids[1:]:
+            probe.publish(
+                f"edgellm/{node}/request", {"id": rid, "prompt": ONCE, "raw": True, "max_tokens": 8},
+                response_topic=inbox,
+            )
+        wait_until(lambda: status(first)["mqtt"]["received"] >= len(ids), what="daemon received all requests")
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+
+        # The broker publishes our Last Will at once: `offline`, retained.
+        probe.wait_for(lambda m: m.topic.endswith("/availability") and m.payload == b"offline", timeout=10)
+        with Probe(broker, [f"edgellm/{node}/availability"]) as late:
+            assert late.wait_for(lambda m: m.retain)[0].payload == b"offline"
+
+        second = DaemonProcess(config)
+        try:
+            second.wait_ready()
+            for rid in ids:
+                probe.wait_final(rid, timeout=120)
+            time.sleep(1.0)  # room for a duplicate answer to show up, if there were one
+            finals = finals_by_id(probe, inbox)
+            restarted_status = status(second)
+        finally:
+            second.stop()
+    first.stop()
+    for rid in ids:
+        assert len(finals[rid]) == 1, (rid, finals[rid])
+        assert finals[rid][0]["event"] == "done", finals[rid]
+        # The killed daemon never finished any of them; the restarted one generated each once.
+        assert generated(first, rid) == 0
+        assert generated(second, rid) == 1, rid
+    mqtt = restarted_status["mqtt"]
+    assert mqtt["received"] >= len(ids)  # redelivered by the broker from the persistent session
+
+
+def test_broker_restart_mid_stream_reconnects_and_finishes(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    node, inbox = "brk", "client/brk"
+    daemon = start_daemon(tmp_path / "d", gemma_path, broker, node)
+    ids = ["s0", "b1", "b2", "b3"]
+    try:
+        with Probe(broker, [inbox], persistent=True, client_id="probe-brk") as probe:
+            probe.publish(
+                f"edgellm/{node}/request",
+                {"id": "s0", "prompt": ONCE, "raw": True, "max_tokens": 300, "stream": True},
+                response_topic=inbox,
+            )
+            for rid in ids[1:]:
+                probe.publish(
+                    f"edgellm/{node}/request", {"id": rid, "prompt": ONCE, "raw": True, "max_tokens": 16},
+                    response_topic=inbox,
+                )
+            probe.wait_for(lambda m: m.json.get("id") == "s0" and m.json.get("event") == "token")
+            broker.restart(down_s=0.5)
+            restarted_at = time.monotonic()
+            for rid in ids:
+                probe.wait_final(rid, timeout=120)
+            stream_done = probe.wait_for(lambda m: m.json.get("id") == "s0" and m.json.get("event") == "done")[0]
+            # Really mid-stream: the generation was still running when the broker came back.
+            assert stream_done.at > restarted_at
+            time.sleep(1.0)
+            finals = finals_by_id(probe, inbox)
+            stream_events = probe.events("s0")
+        after = status(daemon)
+    finally:
+        daemon.stop()
+    for rid in ids:
+        assert finals[rid], rid
+        assert all(f["event"] == "done" for f in finals[rid]), finals[rid]
+        # QoS 1 may deliver an answer twice across a broker restart; never two different answers.
+        assert all(f == finals[rid][0] for f in finals[rid])
+        assert generated(daemon, rid) == 1, rid
+    seqs = [e["seq"] for e in stream_events if e["event"] == "token"]
+    assert seqs == sorted(seqs)
+    assert finals["s0"][0]["seq"] >= (max(seqs) if seqs else 0) + 1
+    assert after["mqtt"]["connected"] is True
+    assert after["mqtt"]["reconnects"] >= 1
+    # The broker kept the daemon's session through its restart (persistence), so the unacked
+    # requests were redelivered to it rather than lost.
+    connects = [e for e in log_events(daemon) if e.get("event") == "mqtt.connected"]
+    assert [e["session_present"] for e in connects][-1] is True
+
+
+def test_broker_down_socket_serves_and_answers_made_offline_arrive_after_reconnect(
+    tmp_path: Path, gemma_path: Path
+) -> None:
+    node, inbox = "down", "client/down"
+    broker = MosquittoBroker(tmp_path / "broker", port=free_port())  # not started yet
+    config = write_config(tmp_path / "d", gemma_path, mqtt_overrides(broker, node))
+    with DaemonProcess(config) as daemon:
+        daemon.wait_ready()
+        with daemon.client() as c:
+            assert c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})["event"] == "done"
+        assert status(daemon)["mqtt"]["connected"] is False
+
+        broker.start()
+        try:
+            wait_online(broker, f"edgellm/{node}")
+            with Probe(broker, [inbox], persistent=True, client_id="probe-down") as probe:
+                probe.publish(
+                    f"edgellm/{node}/request", {"id": "o1", "prompt": ONCE, "raw": True, "max_tokens": 300},
+                    response_topic=inbox,
+                )
+                wait_until(lambda: status(daemon)["queue"]["running"] == "o1", what="o1 running")
+                broker.stop()
+                # Generated while the broker is down: held in the bounded buffer, counted in status.
+                wait_until(
+                    lambda: status(daemon)["mqtt"]["offline_buffered"] == 1, timeout=60, what="answer buffered"
+                )
+                assert status(daemon)["mqtt"]["connected"] is False
+                broker.start()
+                done = probe.wait_final("o1", timeout=60)
+            wait_until(lambda: status(daemon)["mqtt"]["offline_buffered"] == 0, what="buffer drained")
+            mqtt = status(daemon)["mqtt"]
+        finally:
+            broker.stop()
+    assert done["event"] == "done"
+    assert mqtt["answered"] >= 1
+    assert generated(daemon, "o1") == 1
+
+
+def test_fleet_splits_requests_and_a_leaving_member_hands_its_backlog_to_the_other(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    fleet_topic, inbox = "fleet/t1/request", "client/fleet"
+    overrides = {
+        "mqtt": {"fleet": {"enabled": True, "group": "g1", "topic": fleet_topic}},
+        "engine": {"n_threads": 1},
+        # A short drain: what the leaving member has not finished by then goes back to the fleet.
+        "shutdown": {"drain_seconds": 0.5},
+    }
+    a = start_daemon(tmp_path / "a", gemma_path, broker, "fa", overrides)
+    b = start_daemon(tmp_path / "b", gemma_path, broker, "fb", overrides)
+    ids = [f"f{i}" for i in range(12)]
+    try:
+        wait_until(lambda: status(a)["mqtt"]["fleet"]["member"] and status(b)["mqtt"]["fleet"]["member"])
+        with Probe(broker, [inbox]) as probe:
+            for rid in ids:
+                request = {"id": rid, "prompt": ONCE, "raw": True, "max_tokens": 16}
+                probe.publish(fleet_topic, request, response_topic=inbox)
+            probe.wait_for(lambda m: m.json.get("event") == "done", count=2, timeout=60)
+            a.signal(signal.SIGTERM)
+            assert a.wait(30) == 0
+            for rid in ids:
+                probe.wait_final(rid, timeout=120)
+            time.sleep(0.5)
+            finals = finals_by_id(probe, inbox)
+    finally:
+        a.stop()
+        b.stop()
+    for rid in ids:
+        assert len(finals[rid]) == 1, (rid, finals[rid])
+        assert finals[rid][0]["event"] == "done", finals[rid]
+    answered_by_a = [rid for rid in ids if generated(a, rid)]
+    answered_by_b = [rid for rid in ids if generated(b, rid)]
+    assert answered_by_a and answered_by_b, (answered_by_a, answered_by_b)
+    assert sorted(answered_by_a + answered_by_b) == sorted(ids)
+    a_events = [e["event"] for e in log_events(a)]
+    assert "mqtt.handed_off" in a_events
+    assert a_events.index("mqtt.stop_accepting") < a_events.index("mqtt.handed_off")
