@@ -138,9 +138,6 @@ def check_config_consistency(cfg: Config) -> Check:
     """Combinations each valid on their own but wrong together."""
     problems: list[str] = []
     fixes: list[str] = []
-    if cfg.model.path and cfg.model.name:
-        problems.append(f"model.path ({cfg.model.path}) and model.name ({cfg.model.name}) are both set; path wins")
-        fixes.append("set only one of model.path / model.name")
     entry = _entry_for(cfg)
     if entry is not None and entry.context_length and cfg.model.n_ctx > entry.context_length:
         problems.append(f"model.n_ctx {cfg.model.n_ctx} exceeds {entry.name}'s trained context {entry.context_length}")

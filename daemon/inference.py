@@ -197,6 +197,11 @@ class InferenceWorker:
             self._cv.notify_all()
         self._notify_listeners()
 
+    def busy(self) -> bool:
+        """Is a generation running? (The governor's controller learns only while it is.)"""
+        with self._cv:
+            return self._busy
+
     def idle(self) -> bool:
         with self._cv:
             return self._scheduler.running is None and self._scheduler.depth == 0

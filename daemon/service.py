@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from dataclasses import replace
@@ -60,14 +61,14 @@ class Daemon:
             return
         from daemon.engine import ModelLoadError
         from daemon.governor import model_fits
-        from daemon.sensors import kv_cache_estimate_bytes, read_available_bytes
+        from daemon.sensors import context_memory_estimate_bytes, read_available_bytes
 
         available = read_available_bytes(cfg.governor)
         if available is None or not path.is_file():
             return
         fits, why = model_fits(
             path.stat().st_size,
-            kv_cache_estimate_bytes(path, cfg.model.n_ctx),
+            context_memory_estimate_bytes(path, cfg.model.n_ctx, cfg.engine.n_batch),
             available,
             cfg.governor.memory_reserve_mb * 1024 * 1024,
         )
@@ -84,7 +85,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
-        log.info("daemon.starting", version=__version__, config=self.cfg.source, pid=_pid())
+        log.info("daemon.starting", version=__version__, config=self.cfg.source, pid=os.getpid())
         sdnotify.status("loading model")
         self.worker.add_state_listener(self._on_state_change)
         self.worker.start()
@@ -125,7 +126,7 @@ class Daemon:
             return
         from daemon.sensors import SensorLoop
 
-        self.sensors = SensorLoop(self.cfg.governor, on_decision=self._on_decision)
+        self.sensors = SensorLoop(self.cfg.governor, on_decision=self._on_decision, busy=self.worker.busy)
         self.sensors.start()
 
     def _on_decision(self, decision: Any, readings: Any, transition: Any) -> None:
@@ -264,12 +265,6 @@ def status_line(status: dict[str, Any]) -> str:
     if temperature is not None:
         parts.append(f"{temperature:.1f}°C {governor.get('state', '')}".strip())
     return " · ".join(parts)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def serve(config_path: Path | None) -> int:

@@ -97,7 +97,7 @@ def test_install_reinstall_edit_and_uninstall(tmp_path: Path) -> None:
     assert edited != config.read_text()
     config.write_text(edited)
     third = install(root, "--no-fetch")
-    assert steps(third)[f"model fetch: --no-fetch"] == "skipped"
+    assert steps(third)["model fetch: --no-fetch"] == "skipped"
     assert config.read_text() == edited
     assert (root / "etc/edgellm/config.toml.new").read_bytes() == (REPO / "config.toml").read_bytes()
     assert any(line.startswith("kept") and str(config) in line for line in third.stdout.splitlines())
