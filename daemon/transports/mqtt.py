@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import queue
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -190,6 +191,7 @@ class MqttTransport:
         self._offline_published = threading.Event()
         # Read from other threads (status section); plain values, written by the dispatcher.
         self._connected = False
+        self._setup_error: str | None = None
         self._journal_entries = 0
         self._idle = threading.Event()
         self._idle.set()
@@ -197,22 +199,49 @@ class MqttTransport:
     # --- lifecycle (called by the service) -------------------------------------------------
 
     def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._journal = Journal(
-            self.state_dir / JOURNAL_FILE,
-            max_entries=self.cfg.journal_max_entries,
-            max_age_s=self.cfg.journal_max_age_s,
-        )
-        self._journal_entries = self._journal.count()
+        self._journal = self._open_journal()
         self.backend.add_status_section("mqtt", self.status_section)
         self.backend.add_state_listener(self._on_backend_state)
         self._thread = threading.Thread(target=self._dispatch_forever, name="mqtt-dispatch", daemon=True)
         self._thread.start()
-        self._client = self._make_client(self.cfg)
-        self._connect(self._client, self.cfg)
+        self._start_client(self.cfg)
+
+    def _open_journal(self) -> Journal | None:
+        try:
+            journal = Journal(
+                self.state_dir / JOURNAL_FILE,
+                max_entries=self.cfg.journal_max_entries,
+                max_age_s=self.cfg.journal_max_age_s,
+            )
+            self._journal_entries = journal.count()
+        except (sqlite3.Error, OSError) as exc:
+            # Serve anyway: without the journal a redelivered request is generated again.
+            log.error("mqtt.journal_unavailable", path=str(self.state_dir / JOURNAL_FILE), error=str(exc))
+            return None
+        return journal
+
+    def _start_client(self, cfg: MqttConfig) -> None:
+        """Build and connect the paho client. A broken setting (unreadable password file, bad TLS
+        files) is logged and shown in status; the daemon keeps serving the socket, and a reload
+        with a fixed config tries again."""
+        try:
+            if not cfg.host:
+                raise ValueError("mqtt.host is empty")
+            client = self._make_client(cfg)
+        except (OSError, ValueError) as exc:
+            self._client = None
+            self._setup_error = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "mqtt.setup_failed", error=self._setup_error,
+                hint="check mqtt.host, mqtt.password_file and mqtt.tls.* in the config, then reload",
+            )
+            return
+        self._setup_error = None
+        self._client = client
+        self._connect(client, cfg)
         log.info(
-            "mqtt.starting", broker=self._broker_name(self.cfg), client_id=self.client_id, prefix=self.topics.prefix,
-            protocol=self.cfg.protocol, fleet=self.cfg.fleet.enabled,
+            "mqtt.starting", broker=self._broker_name(cfg), client_id=self.client_id, prefix=self.topics.prefix,
+            protocol=cfg.protocol, fleet=cfg.fleet.enabled,
         )
 
     def stop(self, drain: bool = True, timeout_s: float = 10.0) -> None:
@@ -232,9 +261,9 @@ class MqttTransport:
         if client is not None:
             client.disconnect()
             client.loop_stop()
-        self._post("quit")
-        self._thread.join(5.0)
-        self._thread = None
+        thread, self._thread = self._thread, None
+        self._inbox.put(("quit",))
+        thread.join(5.0)
         if self._journal is not None:
             self._journal.close()
         log.info("mqtt.stopped", inflight_left=len(self._pending))
@@ -253,6 +282,7 @@ class MqttTransport:
         c = self.counters
         return {
             "connected": self._connected,
+            "error": self._setup_error,
             "broker": self._broker_name(self.cfg),
             "client_id": self.client_id,
             "prefix": self.topics.prefix,
@@ -270,6 +300,8 @@ class MqttTransport:
     # --- plumbing ----------------------------------------------------------------------------
 
     def _post(self, kind: str, *args: Any) -> None:
+        if self._thread is None and kind != "quit":
+            return  # stopped: nobody would read it (a removed transport's listener must not leak)
         self._inbox.put((kind, *args))
 
     def _call(self, fn: Callable[[], None], timeout: float = 10.0) -> None:
@@ -535,7 +567,7 @@ class MqttTransport:
             self._answer_once(decision.error.id, [decision.route], decision.error.to_dict(), msg)
             return
         request, route = decision.request, decision.route
-        stored = self._journal.get(request.id) if self._journal is not None else None
+        stored = self._journal_get(request.id)
         if stored is not None:
             self.counters.replayed += 1
             log.info("mqtt.request_replayed", id=request.id, dup=bool(msg.dup), to=route.topic)
@@ -561,9 +593,26 @@ class MqttTransport:
         )
         if msg.qos > 0:
             pending.acks[msg.mid] = msg.qos
-        self._pending[request.id] = pending
         origin = Origin("mqtt", f"{'fleet' if fleet else 'topic'}={msg.topic} reply={route.topic}")
-        self.backend.submit(request, _RequestSink(self, pending), origin)
+        self._submit(pending, request, origin)
+
+    def _journal_get(self, request_id: str) -> dict[str, Any] | None:
+        if self._journal is None:
+            return None
+        try:
+            return self._journal.get(request_id)
+        except Exception:
+            log.exception("mqtt.journal_read_failed", id=request_id)
+            return None
+
+    def _submit(self, pending: _Pending, request: Request, origin: Origin) -> None:
+        self._pending[request.id] = pending
+        try:
+            self.backend.submit(request, _RequestSink(self, pending), origin)
+        except Exception as exc:  # the contract says submit never raises; a bug must not lose the answer
+            log.exception("mqtt.submit_failed", id=request.id)
+            error = ErrorEvent(request.id, Code.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            self._on_event(pending, error)
 
     def _attach_duplicate(self, existing: _Pending, msg: paho.MQTTMessage, route: Route) -> None:
         """Same id while in progress: no second generation; its PUBACK waits for the first's answer."""
@@ -629,8 +678,7 @@ class MqttTransport:
         pending = _Pending(request_id=request_id, routes=[route], request=request, retain=True)
         if msg.qos > 0:
             pending.acks[msg.mid] = msg.qos
-        self._pending[request_id] = pending
-        self.backend.submit(request, _RequestSink(self, pending), Origin("mqtt", "homeassistant"))
+        self._submit(pending, request, Origin("mqtt", "homeassistant"))
 
     # --- events from the backend (dispatcher) ------------------------------------------------
 
@@ -898,7 +946,7 @@ class MqttTransport:
         if self._journal is not None:
             self._journal.set_limits(cfg.journal_max_entries, cfg.journal_max_age_s)
         log.info("mqtt.reconfigured", changed=sorted(changed))
-        if changed - _LIVE_KEYS:
+        if changed - _LIVE_KEYS or self._client is None:
             self._reconnect_with(cfg, old)
             return
         if "homeassistant" in changed and self._connected:
@@ -929,13 +977,14 @@ class MqttTransport:
         unanswered = {id(p): p for p in self._publish_mids.values()}
         self._publish_mids.clear()
         self._buffered_mids.clear()
-        self._client = self._make_client(cfg)
+        self._start_client(cfg)
         for pending in unanswered.values():
             pending.outstanding.clear()
             if pending.final_payload is not None:
                 for route in pending.routes:
                     self._publish_final(pending, route, pending.final_payload)
-        self._connect(self._client, cfg)
+            if not pending.outstanding:
+                self._forget(pending)
 
 
 def _properties(packet_type: int) -> Properties:
