@@ -91,6 +91,11 @@ def _socket_args(p: argparse.ArgumentParser, config_help: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # Log events of the client commands go to stderr; stdout carries their output.
+        from daemon.logs import configure_logging
+
+        configure_logging("warning", "console", sys.stderr)
     handler = {
         "serve": _cmd_serve,
         "ask": _cmd_ask,

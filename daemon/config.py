@@ -105,6 +105,8 @@ class ModelConfig:
     n_ctx: int = field(default=2048, metadata=_meta(min=128, max=131072))
     template: str = field(default="auto", metadata=_meta(choices=TEMPLATES))
     chat_template_file: str = field(default="", metadata=_meta(path=True))
+    # Accepting a model's license terms (Gemma) lets `edgellm models fetch` download it unattended.
+    accept_license: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class ShutdownConfig:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    watchdog_stall_s: float = field(default=60.0, metadata=_meta(min=1.0, max=3600.0))
+    watchdog_stall_s: float = field(default=60.0, metadata=_meta(min=0.1, max=3600.0))
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,22 @@ def check_config_consistency(cfg: Config) -> Check:
     if entry is not None and entry.context_length and cfg.model.n_ctx > entry.context_length:
         problems.append(f"model.n_ctx {cfg.model.n_ctx} exceeds {entry.name}'s trained context {entry.context_length}")
         fixes.append(f"model.n_ctx = {entry.pi5.n_ctx} (Pi 5) or {entry.pi4.n_ctx} (Pi 4)")
+    hidden = [
+        f"{key} ({value})"
+        for key, value in (
+            ("model.path", cfg.model.path),
+            ("model.chat_template_file", cfg.model.chat_template_file),
+            ("mqtt.password_file", cfg.mqtt.password_file),
+            ("mqtt.tls.ca_file", cfg.mqtt.tls.ca_file),
+            ("mqtt.tls.cert_file", cfg.mqtt.tls.cert_file),
+            ("mqtt.tls.key_file", cfg.mqtt.tls.key_file),
+        )
+        if value and Path(value).is_absolute() and Path(value).parts[1:2] in (("home",), ("root",))
+    ]
+    if hidden:
+        # The unit's ProtectHome=yes: the service sees empty /home and /root, the file "vanishes".
+        problems.append(f"the service cannot see files in home directories: {', '.join(hidden)}")
+        fixes.append("move them under /var/lib/edgellm or /etc/edgellm (the unit has ProtectHome=yes)")
     if cfg.engine.use_mlock:
         problems.append("engine.use_mlock needs the unit's locked-memory limit raised")
         fixes.append("`systemctl edit edgellm`: [Service] LimitMEMLOCK=infinity")

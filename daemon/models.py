@@ -842,7 +842,7 @@ def cli(args: argparse.Namespace, cfg: Config) -> int:
             return 0
         name = args.name or cfg.model.name or BUNDLED.name
         dest_dir = Path(args.dir) if args.dir else default_fetch_dir(cfg.state_dir)
-        accept = bool(args.accept_license) or bool(getattr(cfg.model, "accept_license", False))
+        accept = bool(args.accept_license) or cfg.model.accept_license
         try:
             entry = _entry_for(name, args.url)
         except ModelError as exc:

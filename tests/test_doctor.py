@@ -307,6 +307,11 @@ def test_settings_conflicts(tmp_path: Path) -> None:
     assert "exceeds olmo-2-1b's trained context 4096" in check.detail
     assert "LimitMEMLOCK" in check.fix
     assert doctor.check_config_consistency(config(tmp_path, model={"name": "olmo-2-1b"})).ok is True
+    at_home = config(tmp_path, model={"path": "/home/pi/models/m.gguf"}, mqtt={"password_file": "/root/pw"})
+    hidden = doctor.check_config_consistency(at_home)
+    assert hidden.ok is None
+    assert "model.path (/home/pi/models/m.gguf), mqtt.password_file (/root/pw)" in hidden.detail
+    assert "ProtectHome" in hidden.fix
 
 
 def test_broken_config_is_the_first_finding_and_the_rest_still_run(tmp_path: Path, pi: FakePi) -> None:

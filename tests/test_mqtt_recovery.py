@@ -20,6 +20,7 @@ from tests.mqtt_broker import MosquittoBroker, Probe, free_port
 from tests.test_mqtt_daemon import ONCE, mqtt_overrides, start_daemon, wait_online
 
 pytestmark = pytest.mark.slow
+NO_MATCHING_SUBSCRIBERS = 16
 
 
 @pytest.fixture()
@@ -252,3 +253,65 @@ def test_fleet_splits_requests_and_a_leaving_member_hands_its_backlog_to_the_oth
     a_events = [e["event"] for e in log_events(a)]
     assert "mqtt.handed_off" in a_events
     assert a_events.index("mqtt.stop_accepting") < a_events.index("mqtt.handed_off")
+
+
+def test_a_full_member_leaves_the_fleet_and_rejoins_and_a_reload_applies_live(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    node = "live"
+    overrides = {"queue": {"max_depth": 1}, "mqtt": {"fleet": {"enabled": True, "topic": "fleet/live/request"}}}
+    daemon = start_daemon(tmp_path / "d", gemma_path, broker, node, overrides)
+
+    def member() -> bool:
+        return bool(status(daemon)["mqtt"]["fleet"]["member"])
+
+    try:
+        wait_until(member, what="fleet member")
+        with Probe(broker, ["client/live"]) as probe:
+            probe.publish(
+                f"edgellm/{node}/request", {"id": "L", "prompt": ONCE, "raw": True, "max_tokens": 1000, "stream": True},
+                response_topic="client/live",
+            )
+            probe.wait_for(lambda m: m.json.get("event") == "token")
+            probe.publish(
+                f"edgellm/{node}/request", {"id": "Q", "prompt": ONCE, "raw": True, "max_tokens": 4},
+                response_topic="client/live",
+            )
+            # Queue full: it stops taking fleet work so the broker routes to its peers ...
+            wait_until(lambda: not member(), what="leaving the fleet")
+            probe.publish(f"edgellm/{node}/cancel", {"id": "L"})
+            assert probe.wait_final("Q")["event"] == "done"
+            # ... and takes it again once it has room.
+            wait_until(member, what="rejoining the fleet")
+
+        # SIGHUP: leave the fleet, publish status every second, withdraw from Home Assistant.
+        config = tmp_path / "d" / "config.toml"
+        live = {"mqtt": {"fleet": {"enabled": False}, "status_interval_s": 1.0, "homeassistant": {"enabled": False}}}
+        write_config(tmp_path / "d", gemma_path, merge(merge(mqtt_overrides(broker, node), overrides), live))
+        assert config.exists()
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: not status(daemon)["mqtt"]["fleet"]["enabled"], what="reload")
+        assert not member()
+        with Probe(broker, [f"edgellm/{node}/status"]) as watcher:
+            watcher.wait_for(lambda m: not m.retain, count=2, timeout=5)  # periodic, with nothing going on
+        with Probe(broker, ["homeassistant/#"]) as ha:
+            time.sleep(0.5)
+            assert [m for m in ha.messages if m.payload] == []  # discovery configs removed
+        assert status(daemon)["mqtt"]["connects"] == 1  # all applied without reconnecting
+
+        # A new prefix needs a new connection: `offline` on the old one, and the broker forgets
+        # the old request topic of our persistent session.
+        moved = merge(merge(merge(mqtt_overrides(broker, node), overrides), live), {"mqtt": {"prefix": "home/moved"}})
+        write_config(tmp_path / "d", gemma_path, moved)
+        daemon.signal(signal.SIGHUP)
+        wait_online(broker, "home/moved")
+        with Probe(broker, [f"edgellm/{node}/availability", "client/moved"]) as probe:
+            assert probe.wait_for(lambda m: m.retain)[0].payload == b"offline"
+            assert probe.publish(f"edgellm/{node}/request", {"prompt": "x"}).value == NO_MATCHING_SUBSCRIBERS
+            probe.publish(
+                "home/moved/request", {"id": "M", "prompt": ONCE, "raw": True, "max_tokens": 4},
+                response_topic="client/moved",
+            )
+            assert probe.wait_final("M")["event"] == "done"
+    finally:
+        daemon.stop()
