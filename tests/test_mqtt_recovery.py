@@ -88,7 +88,7 @@ def test_kill_9_mid_generation_loses_nothing_and_generates_nothing_twice(
     with Probe(broker, [inbox, f"edgellm/{node}/availability"]) as probe:
         probe.publish(
             f"edgellm/{node}/request",
-            {"id": ids[0], "prompt": ONCE, "raw": True, "max_tokens": 300, "stream": True},
+            {"id": ids[0], "prompt": ONCE, "raw": True, "max_tokens": 120, "stream": True},
             response_topic=inbox,
         )
         probe.wait_for(lambda m: m.topic == inbox and m.json.get("event") == "token")
@@ -137,7 +137,7 @@ def test_broker_restart_mid_stream_reconnects_and_finishes(
         with Probe(broker, [inbox], persistent=True, client_id="probe-brk") as probe:
             probe.publish(
                 f"edgellm/{node}/request",
-                {"id": "s0", "prompt": ONCE, "raw": True, "max_tokens": 300, "stream": True},
+                {"id": "s0", "prompt": ONCE, "raw": True, "max_tokens": 200, "stream": True},
                 response_topic=inbox,
             )
             for rid in ids[1:]:
@@ -193,7 +193,7 @@ def test_broker_down_socket_serves_and_answers_made_offline_arrive_after_reconne
             wait_online(broker, f"edgellm/{node}")
             with Probe(broker, [inbox], persistent=True, client_id="probe-down") as probe:
                 probe.publish(
-                    f"edgellm/{node}/request", {"id": "o1", "prompt": ONCE, "raw": True, "max_tokens": 300},
+                    f"edgellm/{node}/request", {"id": "o1", "prompt": ONCE, "raw": True, "max_tokens": 150},
                     response_topic=inbox,
                 )
                 wait_until(lambda: status(daemon)["queue"]["running"] == "o1", what="o1 running")

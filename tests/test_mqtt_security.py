@@ -155,7 +155,7 @@ def test_daemon_speaking_mqtt_311_keeps_its_session_across_a_kill(tmp_path: Path
         with Probe(broker, ["dev/old"], protocol="3.1.1") as probe:
             probe.publish(
                 f"edgellm/{node}/request",
-                {"id": "o0", "prompt": ONCE, "raw": True, "max_tokens": 300, "stream": True, "reply_to": "dev/old"},
+                {"id": "o0", "prompt": ONCE, "raw": True, "max_tokens": 120, "stream": True, "reply_to": "dev/old"},
             )
             probe.wait_for(lambda m: m.json.get("event") == "token")
             for rid in ids[1:]:

@@ -68,7 +68,9 @@ def notify(tmp_path: Path) -> Iterator[NotifyListener]:
     listener.close()
 
 
-def test_ready_after_load_status_watchdog_and_stopping(tmp_path: Path, gemma_path: Path, notify: NotifyListener) -> None:
+def test_ready_after_load_status_watchdog_and_stopping(
+    tmp_path: Path, gemma_path: Path, notify: NotifyListener
+) -> None:
     cfg = write_config(tmp_path, gemma_path)
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"}
     with DaemonProcess(cfg, env=env) as d:
@@ -188,3 +190,36 @@ def wait_log(d: DaemonProcess, event: str, timeout: float = 10.0) -> dict[str, A
             return found[-1]
         assert time.monotonic() < deadline, f"no {event} in log"
         time.sleep(0.05)
+
+
+def test_socket_activation_serves_on_the_inherited_socket(tmp_path: Path, gemma_path: Path) -> None:
+    """systemd-socket-activate passes the listening socket as fd 3 (LISTEN_FDS), as PID 1 does:
+    the daemon serves on it without binding, and leaves the path to the socket unit."""
+    import shutil
+    import subprocess
+    import sys
+
+    from daemon.client import Client
+
+    tool = shutil.which("systemd-socket-activate")
+    assert tool, "systemd-socket-activate is part of the systemd package the setup installs"
+    activated = tmp_path / "activated.sock"
+    cfg = write_config(tmp_path, gemma_path)  # its own socket.path differs: it must not be used
+    proc = subprocess.Popen(
+        [tool, "-l", str(activated), sys.executable, "-m", "daemon", "serve", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not activated.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # Connecting starts the daemon; the request waits in the queue until the model is loaded.
+        with Client(activated, timeout=60) as c:
+            done = c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
+        assert done["event"] == "done" and done["text"].startswith(" girl")
+        assert not (tmp_path / "edgellm.sock").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert activated.exists()  # the socket unit's file, not ours to remove
