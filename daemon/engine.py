@@ -264,13 +264,15 @@ class Engine:
         if not cached:
             llm.reset()
         # Evaluate the prompt ourselves in n_batch chunks so a cancel or a deadline is honoured
-        # during a long prompt too; the last token is left for generate() to decode (it needs logits).
+        # during a long prompt too. All of it, the last token included: generate() then finds the
+        # whole prompt evaluated and samples at once, with no extra one-token decode before the
+        # first token (that would cost one decode step of time-to-first-token).
         n_batch = self.engine_cfg.n_batch
-        for begin in range(cached, len(tokens) - 1, n_batch):
+        for begin in range(cached, len(tokens), n_batch):
             reason = control.check()
             if reason is not None:
                 return self._stopped(reason, tokens, cached, started)
-            llm.eval(tokens[begin : min(begin + n_batch, len(tokens) - 1)])
+            llm.eval(tokens[begin : begin + n_batch])
 
         llm.set_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little"))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

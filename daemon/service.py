@@ -207,7 +207,8 @@ class Daemon:
             self._start_governor()
         if self.mqtt is not None and new.mqtt != old.mqtt:
             if new.mqtt.enabled:
-                self.mqtt.reconfigure(new.mqtt)
+                # A reconnect can block for a second or two: keep the event loop serving.
+                await asyncio.get_running_loop().run_in_executor(None, self.mqtt.reconfigure, new.mqtt)
             else:
                 await asyncio.get_running_loop().run_in_executor(None, self.mqtt.stop, True)
                 self.mqtt = None

