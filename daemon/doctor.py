@@ -290,17 +290,9 @@ def check_memory(cfg: Config, env: DoctorEnv) -> Check:
 
 
 def check_thermal(cfg: Config, env: DoctorEnv) -> Check:
-    from daemon.sensors import CPU_SENSOR, parse_temperature
+    from daemon.sensors import find_cpu_zones, parse_temperature
 
-    files = [Path(p) for p in cfg.governor.temperature_files]
-    if not files:
-        for zone in sorted(env.thermal_root.glob("thermal_zone*")):
-            try:
-                kind = (zone / "type").read_text().strip()
-            except OSError:
-                continue
-            if CPU_SENSOR.search(kind) and (zone / "temp").exists():
-                files.append(zone / "temp")
+    files = [Path(p) for p in cfg.governor.temperature_files] or find_cpu_zones(env.thermal_root)
     if not files:
         return Check(
             "thermal",

@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 import structlog
 
 from daemon import __version__
+from daemon.paths import writable_or_creatable
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -763,19 +764,10 @@ def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:.1f} MB"
 
 
-def _writable_dir(directory: Path) -> bool:
-    probe = directory
-    while not probe.exists():
-        if probe.parent == probe:
-            return False
-        probe = probe.parent
-    return os.access(probe, os.W_OK | os.X_OK)
-
-
 def default_fetch_dir(state_dir: Path) -> Path:
     """`<state_dir>/models` when this user can write there, else the per-user models folder."""
     service_dir = Path(state_dir) / "models"
-    return service_dir if _writable_dir(service_dir) else user_models_dir()
+    return service_dir if writable_or_creatable(service_dir) else user_models_dir()
 
 
 class ProgressPrinter:

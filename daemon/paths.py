@@ -26,7 +26,7 @@ def user_state_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "edgellm"
 
 
-def _writable_or_creatable(directory: Path) -> bool:
+def writable_or_creatable(directory: Path) -> bool:
     probe = directory
     while not probe.exists():
         if probe.parent == probe:
@@ -38,7 +38,7 @@ def _writable_or_creatable(directory: Path) -> bool:
 def serve_socket_path(configured: str) -> Path:
     """The socket path the daemon binds."""
     path = Path(configured)
-    if path == DEFAULT_SOCKET and not _writable_or_creatable(path.parent):
+    if path == DEFAULT_SOCKET and not writable_or_creatable(path.parent):
         return user_runtime_dir() / "edgellm.sock"
     return path
 
@@ -52,6 +52,6 @@ def client_socket_candidates(configured: str) -> list[Path]:
 
 
 def state_dir(configured: Path) -> Path:
-    if configured == DEFAULT_STATE_DIR and not _writable_or_creatable(configured):
+    if configured == DEFAULT_STATE_DIR and not writable_or_creatable(configured):
         return user_state_dir()
     return configured

@@ -241,7 +241,7 @@ class SensorReader:
 
     def _thermal_zones(self, errors: list[str]) -> list[Path]:
         if self._zones is None:
-            found = self._timed("thermal_zones", lambda: _find_cpu_zones(self._thermal_root), errors)
+            found = self._timed("thermal_zones", lambda: find_cpu_zones(self._thermal_root), errors)
             if found is None:
                 return []  # try again next time
             self._zones = found
@@ -313,7 +313,7 @@ def _run_vcgencmd(command: list[str], timeout: float) -> int:
     return parse_throttled(done.stdout)
 
 
-def _find_cpu_zones(root: Path) -> list[Path]:
+def find_cpu_zones(root: Path) -> list[Path]:
     zones = []
     for zone in sorted(root.glob("thermal_zone*")):
         try:

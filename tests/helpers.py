@@ -175,3 +175,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_status(client: Client, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """Poll the status op until `predicate(status)` holds; fail with the last status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.status()
+        if predicate(status):
+            return status
+        assert time.monotonic() < deadline, f"condition not reached; last status: {status}"
+        time.sleep(0.05)

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.client import Client
-from tests.helpers import REPO, DaemonProcess, read_until_final, write_config
+from tests.helpers import REPO, DaemonProcess, read_until_final, wait_status, write_config
 
 ONCE = "Once upon a time, there was a little"
 
@@ -48,26 +47,16 @@ def drain(events: queue.Queue[dict[str, Any]], quiet_for: float) -> list[dict[st
             return got
 
 
-def wait_for(client: Client, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = client.status()
-        if predicate(status):
-            return status
-        assert time.monotonic() < deadline, f"condition not reached; last status: {status}"
-        time.sleep(0.05)
-
-
 def test_hot_pauses_generation_and_refuses_new_work_then_resumes(tmp_path: Path, gemma_path: Path) -> None:
     cfg, temp, _ = governed(tmp_path, gemma_path)
     with DaemonProcess(cfg) as d:
         d.wait_ready()
         with d.client() as c, d.client() as other:
-            wait_for(other, lambda s: (s["governor"] or {}).get("state") == "normal")
+            wait_status(other, lambda s: (s["governor"] or {}).get("state") == "normal")
             c.send({"id": "long", "prompt": ONCE, "raw": True, "max_tokens": 120, "stream": True})
             assert c.read_event()["event"] == "token"
             temp.write_text("79000\n")
-            wait_for(other, lambda s: s["governor"]["state"] == "hot")
+            wait_status(other, lambda s: s["governor"]["state"] == "hot")
             refused = other.call({"id": "new", "prompt": ONCE, "raw": True, "max_tokens": 2})
             # Paused: at most the token in flight arrives once the governor says hot.
             events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -128,12 +117,12 @@ def test_low_memory_refuses_and_critical_unloads_then_reloads(tmp_path: Path, ge
         d.wait_ready()
         with d.client() as c:
             mem.write_text(meminfo(150))  # below min_available_mb (200)
-            wait_for(c, lambda s: (s["governor"] or {}).get("memory_state") == "low")
+            wait_status(c, lambda s: (s["governor"] or {}).get("memory_state") == "low")
             low = c.call({"prompt": ONCE, "raw": True, "max_tokens": 2})
             mem.write_text(meminfo(50))  # below critical_available_mb (100)
-            unloaded = wait_for(c, lambda s: s["state"] == "unavailable")
+            unloaded = wait_status(c, lambda s: s["state"] == "unavailable")
             mem.write_text(meminfo(8000))
-            wait_for(c, lambda s: s["state"] == "ready", timeout=20)
+            wait_status(c, lambda s: s["state"] == "ready", timeout=20)
             ok = c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
     assert low["code"] == "memory_low" and low["retry_after_ms"] > 0
     assert "memory" in unloaded.get("reason", "")
@@ -159,14 +148,14 @@ def test_sensor_failures_are_reported_logged_once_and_serving_goes_on(tmp_path: 
         d.wait_ready()
         with d.client() as c:
             temp.write_text("not a number\n")
-            garbage = wait_for(c, lambda s: any("temp" in e for e in s["governor"]["readings"]["errors"]))
+            garbage = wait_status(c, lambda s: any("temp" in e for e in s["governor"]["readings"]["errors"]))
             temp.unlink()
-            missing = wait_for(c, lambda s: any("No such file" in e or "not found" in e.lower()
+            missing = wait_status(c, lambda s: any("No such file" in e or "not found" in e.lower()
                                                  for e in s["governor"]["readings"]["errors"]))
             time.sleep(1.0)  # ten more ticks: still one log line per episode
             ok = c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
             temp.write_text("50000\n")
-            wait_for(c, lambda s: not s["governor"]["readings"]["errors"])
+            wait_status(c, lambda s: not s["governor"]["readings"]["errors"])
     assert garbage["state"] == "ready" and missing["state"] == "ready"
     assert ok["event"] == "done"
     failures = [e for e in d.log_events() if e.get("event", "").startswith("sensor.") and "fail" in e["event"]]
@@ -179,7 +168,7 @@ def test_edgellm_status_shows_the_governor_live(tmp_path: Path, gemma_path: Path
         d.wait_ready()
         temp.write_text("72500\n")
         with d.client() as c:
-            wait_for(c, lambda s: s["governor"]["state"] == "warm")
+            wait_status(c, lambda s: s["governor"]["state"] == "warm")
         out = subprocess.run(
             [sys.executable, "-m", "daemon", "status", "--socket", str(d.socket_path)],
             capture_output=True, text=True, cwd=REPO, timeout=30, check=True,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import DaemonProcess, base_config, merge, read_until_final, toml_dumps, write_config
+from tests.helpers import DaemonProcess, base_config, merge, read_until_final, toml_dumps, wait_status, write_config
 
 ONCE = "Once upon a time, there was a little"
 
@@ -170,16 +170,6 @@ def test_sighup_good_and_bad_config_with_a_client_streaming_throughout(
     assert len(reloads) == 4
     assert all("MONOTONIC_USEC=" in m for m in reloads)
     assert len(notify.times_of("READY=1")) >= 5  # start + after each reload
-
-
-def wait_status(client: Any, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = client.status()
-        if predicate(status):
-            return status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
 
 
 def wait_log(d: DaemonProcess, event: str, timeout: float = 10.0) -> dict[str, Any]:
