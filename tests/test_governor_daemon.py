@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import REPO, DaemonProcess, read_until_final, wait_status, write_config
+from tests.helpers import REPO, DaemonProcess, merge, read_until_final, wait_status, write_config
 
 ONCE = "Once upon a time, there was a little"
 
@@ -175,3 +175,33 @@ def test_edgellm_status_shows_the_governor_live(tmp_path: Path, gemma_path: Path
         ).stdout
     assert "governor" in out and "warm" in out
     assert "72.5 °C" in out
+
+
+def test_hot_fleet_member_leaves_the_shared_subscription_and_rejoins(tmp_path: Path, gemma_path: Path) -> None:
+    """A member that cannot take work must not be handed any: when hot it unsubscribes from the
+    shared fleet topic (the broker routes to its peers) and its MQTT status says why."""
+    from tests.mqtt_broker import MosquittoBroker, Probe
+    from tests.test_mqtt_daemon import mqtt_overrides
+
+    with MosquittoBroker(tmp_path / "broker") as broker:
+        temp = tmp_path / "temp"
+        temp.write_text("50000\n")
+        mem = tmp_path / "meminfo"
+        mem.write_text(meminfo(8000))
+        overrides = merge(
+            mqtt_overrides(broker, "hotnode", fleet={"enabled": True, "topic": "fleet/gov/request"}),
+            {"governor": {"enabled": True, "interval_s": 0.1, "temperature_files": [str(temp)],
+                          "meminfo_file": str(mem), "psi_file": "", "vcgencmd_command": ""}},
+        )
+        with DaemonProcess(write_config(tmp_path / "d", gemma_path, overrides)) as d:
+            d.wait_ready()
+            with d.client() as c, Probe(broker, ["edgellm/hotnode/status"]) as probe:
+                wait_status(c, lambda s: s["mqtt"]["fleet"]["member"], timeout=30)
+                temp.write_text("80000\n")
+                hot = wait_status(c, lambda s: not s["mqtt"]["fleet"]["member"])
+                # The retained status topic tells the rest of the house, too.
+                probe.wait_for(lambda m: (m.json.get("governor") or {}).get("state") == "hot", timeout=10)
+                temp.write_text("55000\n")
+                back = wait_status(c, lambda s: s["mqtt"]["fleet"]["member"], timeout=15)
+    assert hot["governor"]["state"] == "hot" and not hot["governor"]["admit"]
+    assert back["governor"]["state"] == "normal"
