@@ -36,7 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     config_help = "config file (default: $EDGELLM_CONFIG, else built-in defaults)"
 
-    p = sub.add_parser("serve", help="run the daemon in the foreground until SIGTERM/SIGINT")
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon in the foreground until SIGTERM/SIGINT",
+        description="Run the daemon in the foreground. SIGTERM/SIGINT drain: stop accepting, let running and "
+        "queued requests finish for up to shutdown.drain_seconds, cancel the rest with `shutting_down`, remove "
+        "the socket, exit 0 (a second signal skips the drain). SIGHUP re-reads the config and applies it live; "
+        "an invalid config is rejected and the old one kept. Under systemd it speaks sd_notify (READY, STATUS, "
+        "WATCHDOG, RELOADING, STOPPING) and accepts a socket-activated listener. Exit codes: 0 after a clean "
+        "stop, 1 when it cannot start (socket in use), 2 for an invalid config.",
+    )
     p.add_argument("--config", type=Path, help=config_help)
 
     p = sub.add_parser("ask", help="send one prompt to the running daemon and print the answer")
@@ -86,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _socket_args(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--socket", type=Path, help="daemon socket (default: $EDGELLM_SOCKET, else from the config)")
     p.add_argument("--config", type=Path, help=config_help)
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the daemon (default: forever)")
+    p.add_argument(
+        "--timeout", type=float, default=None,
+        help="give up when the daemon sends nothing for this many seconds (default: wait forever)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +198,8 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             _err(str(exc))
             return EXIT_ERROR
     if final.get("event") == "error":
+        if args.stream and not args.json:
+            _out()  # end the partial answer's line before the error
         retry = f" (retry after {final['retry_after_ms']} ms)" if "retry_after_ms" in final else ""
         _err(f"error [{final.get('code')}]: {final.get('message')}{retry}")
         return EXIT_ERROR

@@ -45,16 +45,28 @@ class Client:
     def send_raw(self, data: bytes) -> None:
         self._sock.sendall(data)
 
+    def _readline(self) -> bytes:
+        try:
+            return self._file.readline()
+        except TimeoutError:
+            raise ClientError(f"no answer from the daemon within {self._sock.gettimeout()} s") from None
+        except OSError as exc:
+            raise ClientError(f"connection to the daemon failed: {exc.strerror or exc}") from exc
+
     def read_event(self) -> dict[str, Any]:
-        line = self._file.readline()
+        line = self._readline()
         if not line:
             raise ClientError("connection closed by the daemon")
-        event: dict[str, Any] = json.loads(line)
+        try:
+            event: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            raise ClientError(f"the daemon sent something that is not JSON: {line[:80]!r}") from exc
         return event
 
     def events(self) -> Iterator[dict[str, Any]]:
+        """Every event until the daemon closes the connection."""
         while True:
-            line = self._file.readline()
+            line = self._readline()
             if not line:
                 return
             yield json.loads(line)

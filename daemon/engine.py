@@ -89,9 +89,12 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    prompt_ms: float
-    first_token_ms: float | None  # from the start of prompt processing
-    generation_ms: float
+    prompt_ms: float  # evaluating the prompt (what the prefix cache did not cover)
+    first_token_at: float | None  # time.monotonic() when the first text went out
+    generation_ms: float  # from the end of the prompt to the end
+    # Decode speed: tokens after the first over the time between the first and the last (the
+    # first token comes from the prompt's logits, so it costs no decode step of its own).
+    tokens_per_second: float | None
 
 
 def physical_cores() -> int:
@@ -283,7 +286,9 @@ class Engine:
         completion = 0
         finish = "length"
         first_token_at: float | None = None
-        prompt_done_at: float | None = None
+        first_sample_at: float | None = None
+        last_sample_at: float | None = None
+        prompt_done_at = time.monotonic()
         generator = llm.generate(
             tokens,
             top_k=request.top_k,
@@ -300,12 +305,13 @@ class Engine:
                     break
                 token = next(generator)
                 now = time.monotonic()
-                if prompt_done_at is None:
-                    prompt_done_at = now
                 if self._is_eog(token):
                     finish = "stop"
                     break
                 completion += 1
+                last_sample_at = now
+                if first_sample_at is None:
+                    first_sample_at = now
                 text += decoder.decode(llm.detokenize([token]))
                 hit = _find_stop(text, stops, max(0, emitted - longest_stop)) if stops else -1
                 if hit >= 0:
@@ -330,16 +336,19 @@ class Engine:
         else:
             text = text[:emitted]
         ended = time.monotonic()
-        prompt_end = prompt_done_at if prompt_done_at is not None else ended
+        tps = None
+        if first_sample_at is not None and last_sample_at is not None and last_sample_at > first_sample_at:
+            tps = (completion - 1) / (last_sample_at - first_sample_at)
         return Generation(
             text=text,
             finish_reason=finish,
             prompt_tokens=len(tokens),
             completion_tokens=completion,
             cached_tokens=cached,
-            prompt_ms=(prompt_end - started) * 1000,
-            first_token_ms=None if first_token_at is None else (first_token_at - started) * 1000,
-            generation_ms=(ended - prompt_end) * 1000,
+            prompt_ms=(prompt_done_at - started) * 1000,
+            first_token_at=first_token_at,
+            generation_ms=(ended - prompt_done_at) * 1000,
+            tokens_per_second=tps,
         )
 
     def _reuse_prefix(self, tokens: list[int]) -> int:
@@ -362,7 +371,7 @@ class Engine:
 
     def _stopped(self, reason: str, tokens: list[int], cached: int, started: float) -> Generation:
         elapsed = (time.monotonic() - started) * 1000
-        return Generation("", reason, len(tokens), 0, cached, elapsed, None, 0.0)
+        return Generation("", reason, len(tokens), 0, cached, elapsed, None, 0.0, None)
 
     def _require(self) -> Any:
         if self._llm is None:

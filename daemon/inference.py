@@ -88,13 +88,7 @@ class InferenceWorker:
                 self._cv.notify_all()
                 notify = True
         except EdgeError as exc:
-            with self._cv:
-                self._counts["error"] += 1
-            log.info(
-                "request.refused", id=request.id, transport=origin.transport, peer=origin.peer,
-                code=exc.code, reason=exc.message,
-            )
-            sink.emit(exc.to_event(request.id))
+            sink.emit(self._refused_event(job, exc))
             return
         if request.stream and must_wait:
             sink.emit(QueuedEvent(request.id, position))
@@ -408,11 +402,12 @@ class InferenceWorker:
         request = job.request
         started = job.started_at if job.started_at is not None else job.received_at
         queued_ms = (started - job.received_at) * 1000
-        tps = gen.completion_tokens / (gen.generation_ms / 1000) if gen.generation_ms > 0 else None
+        tps = gen.tokens_per_second
         timings: dict[str, float | int | None] = {
             "queued_ms": round(queued_ms, 1),
             "prompt_ms": round(gen.prompt_ms, 1),
-            "ttft_ms": None if gen.first_token_ms is None else round(queued_ms + gen.first_token_ms, 1),
+            # From receipt: queueing, templating, tokenizing and the prompt all count.
+            "ttft_ms": None if gen.first_token_at is None else round((gen.first_token_at - job.received_at) * 1000, 1),
             "generation_ms": round(gen.generation_ms, 1),
             "tokens_per_second": None if tps is None else round(tps, 2),
             "cached_tokens": gen.cached_tokens,
@@ -439,22 +434,29 @@ class InferenceWorker:
             self._counts["done" if isinstance(event, DoneEvent) else "error"] += 1
             if tps is not None and gen.completion_tokens >= 4:
                 self._last_tps = round(tps, 2)
-        self._log_summary(job, reason, usage, timings)
+        self._log_summary(job, reason, usage, timings, gen.text)
         return event
 
     def _refused_event(self, job: Job, exc: EdgeError) -> ErrorEvent:
         """A job that ends without generating: its final error event, counted and logged."""
         with self._cv:
             self._counts["error"] += 1
-        self._log_summary(job, exc.code, None, None)
+        self._log_summary(job, exc.code, None, None, reason=exc.message)
         return exc.to_event(job.id)
 
     def _finish_refused(self, job: Job, exc: EdgeError) -> None:
         job.sink.emit(self._refused_event(job, exc))
 
     def _log_summary(
-        self, job: Job, finish: str, usage: dict[str, int] | None, timings: dict[str, Any] | None
+        self,
+        job: Job,
+        finish: str,
+        usage: dict[str, int] | None,
+        timings: dict[str, Any] | None,
+        answer: str | None = None,
+        reason: str | None = None,
     ) -> None:
+        """The one summary event every request gets, however it ended."""
         fields: dict[str, Any] = {
             "id": job.id,
             "transport": job.origin.transport,
@@ -462,8 +464,9 @@ class InferenceWorker:
             "priority": job.request.priority,
             "finish_reason": finish,
         }
-        if usage:
-            fields.update(usage)
+        if reason:
+            fields["reason"] = reason
+        fields.update(usage if usage else {"prompt_tokens": None, "completion_tokens": 0})
         if timings:
             fields.update(
                 ttft_ms=timings["ttft_ms"], tokens_per_second=timings["tokens_per_second"],
@@ -474,6 +477,7 @@ class InferenceWorker:
             fields["messages"] = (
                 None if job.request.messages is None else [m.__dict__ for m in job.request.messages]
             )
+            fields["answer"] = answer
         log.info("request.finished", **fields)
 
     def _notify_listeners(self) -> None:

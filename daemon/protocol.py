@@ -159,7 +159,10 @@ Event = Union[QueuedEvent, TokenEvent, DoneEvent, ErrorEvent]
 
 def to_json_line(obj: dict[str, Any]) -> bytes:
     """One compact JSON object and a newline: the framing of the socket protocol."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # never let one odd string cost a client its final event
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -181,6 +184,17 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
         raise EdgeError(
             Code.INVALID_JSON, f"payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise EdgeError(Code.INVALID_JSON, "payload is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal of thousands of digits
+        raise EdgeError(Code.INVALID_JSON, f"payload is not acceptable JSON: {exc}") from None
+    try:
+        # "\ud800" escapes decode to lone surrogates, which no UTF-8 answer could echo back.
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise EdgeError(Code.INVALID_JSON, "payload contains an unpaired UTF-16 surrogate escape") from None
+    except RecursionError:
+        raise EdgeError(Code.INVALID_JSON, "payload is nested too deeply") from None
     if not isinstance(obj, dict):
         raise EdgeError(Code.INVALID_REQUEST, f"payload must be a JSON object, got {_json_type(obj)}")
     return obj
@@ -248,9 +262,9 @@ def parse_request(
         max_tokens=_req_int(obj, "max_tokens", defaults.max_tokens, 1, 1_000_000),
         temperature=_opt_float(obj, "temperature", defaults.temperature, 0.0, 5.0),
         top_p=_opt_float(obj, "top_p", defaults.top_p, 0.0, 1.0),
-        top_k=_req_int(obj, "top_k", defaults.top_k, 0, 100_000),
+        top_k=_req_int(obj, "top_k", defaults.top_k, 0, 1000),
         min_p=_opt_float(obj, "min_p", defaults.min_p, 0.0, 1.0),
-        repeat_penalty=_opt_float(obj, "repeat_penalty", defaults.repeat_penalty, 0.0, 10.0),
+        repeat_penalty=_opt_float(obj, "repeat_penalty", defaults.repeat_penalty, 0.5, 3.0),
         seed=seed,
         stop=_parse_stop(obj.get("stop")),
         stream=_opt_bool(obj, "stream", False),
@@ -342,8 +356,10 @@ def _opt_float(obj: dict[str, Any], name: str, default: float, lo: float, hi: fl
     value = obj.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be a number, got {_json_type(value)}")
+    if not math.isfinite(value):
+        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be a finite number, got {value}")
     if not lo <= value <= hi:
         raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {value}")
     return float(value)

@@ -43,6 +43,7 @@ class Daemon:
         self.mqtt: Any = None
         self.sensors: Any = None
         self._stop = asyncio.Event()
+        self._force = False  # a second stop signal: skip the drain
         self._reload_task: asyncio.Task[None] | None = None
         self._last_status_line = ""
 
@@ -88,13 +89,14 @@ class Daemon:
         log.info("daemon.starting", version=__version__, config=self.cfg.source, pid=os.getpid())
         sdnotify.status("loading model")
         self.worker.add_state_listener(self._on_state_change)
-        self.worker.start()
+        # Bind first: a second daemon on the same socket must fail before it loads a model into
+        # memory. Requests that arrive meanwhile wait in the queue until the model is loaded.
         try:
             await self._start_transports(loop)
         except Exception as exc:
             log.error("daemon.start_failed", error=str(exc))
-            self.worker.stop(timeout=1.0)
             return 1
+        self.worker.start()
         self._start_governor()
         await loop.run_in_executor(None, self.worker.wait_loaded)
         if self._stop.is_set():
@@ -135,7 +137,7 @@ class Daemon:
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
             log.warning("daemon.second_signal", signal=sig.name, action="stopping now")
-            self.worker.stop(timeout=0.5)
+            self._force = True
             return
         log.info("daemon.stopping", signal=sig.name, drain_seconds=self.cfg.shutdown.drain_seconds)
         self._stop.set()
@@ -152,7 +154,7 @@ class Daemon:
             self.socket_server.stop_listening()
         self.worker.begin_drain()
         deadline = time.monotonic() + self.cfg.shutdown.drain_seconds
-        while not self.worker.idle() and time.monotonic() < deadline:
+        while not self.worker.idle() and time.monotonic() < deadline and not self._force:
             await asyncio.sleep(0.05)
         drained = self.worker.idle()
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop, 5.0)

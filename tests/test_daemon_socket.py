@@ -449,3 +449,95 @@ def test_client_module_reports_unreachable_daemon(tmp_path: Path) -> None:
 
     with pytest.raises(ClientError):
         Client(tmp_path / "nothing.sock")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000 + b"]" * 100_000 + b"\n",  # deeper than any JSON parser should recurse
+        b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}\n",  # past Python's int-digits limit
+        b'{"id": "\\ud800", "prompt": 5}\n',  # a lone surrogate escape cannot be echoed as UTF-8
+        b'{"id": "\\ud800x", "prompt": "hi"}\n',
+        b'{"prompt": "hi \\ud83d"}\n',
+    ],
+    ids=["deep-nesting", "huge-integer", "surrogate-id-invalid", "surrogate-id-valid", "surrogate-prompt"],
+)
+def test_pathological_json_gets_invalid_json_and_the_connection_lives(
+    shared_daemon: DaemonProcess, payload: bytes
+) -> None:
+    with shared_daemon.client(timeout=30) as c:
+        c.send_raw(payload)
+        err = c.read_event()
+        assert err["event"] == "error" and err["code"] == "invalid_json", err
+        assert err["id"] is None
+        assert c.call({"prompt": ONCE, "raw": True, "max_tokens": 2})["event"] == "done"
+
+
+def test_line_limit_is_exact(shared_daemon: DaemonProcess) -> None:
+    limit = 256 * 1024
+    head, tail = b'{"prompt": "', b'", "raw": true, "max_tokens": 1}'
+    fits = head + b"a " * ((limit - len(head) - len(tail)) // 2) + tail
+    fits += b" " * (limit - len(fits))
+    assert len(fits) == limit
+    with shared_daemon.client() as c:
+        c.send_raw(fits + b"\n")
+        assert c.read_event()["code"] == "prompt_too_long"  # accepted and parsed: only too long for n_ctx
+        c.send_raw(fits + b" \n")
+        assert c.read_event()["code"] == "payload_too_large"
+
+
+def test_duplicate_id_on_the_same_connection_keeps_disconnect_cancelling_the_original(
+    shared_daemon: DaemonProcess,
+) -> None:
+    c = shared_daemon.client()
+    c.send({"id": "dup2", "prompt": ONCE, "raw": True, "max_tokens": 900, "stream": True})
+    assert c.read_event()["event"] == "token"
+    c.send({"id": "dup2", "prompt": ONCE, "raw": True, "max_tokens": 2})
+    refused = next(e for e in c.events() if e["event"] == "error")
+    assert refused["code"] == "duplicate_id"
+    c.close()
+    with shared_daemon.client() as watcher:
+        deadline = time.monotonic() + 5
+        while watcher.status()["queue"]["running"] == "dup2":
+            assert time.monotonic() < deadline, "the original kept running after its client left"
+            time.sleep(0.02)
+
+
+def test_errors_about_ops_do_not_carry_a_request_id(shared_daemon: DaemonProcess) -> None:
+    with shared_daemon.client() as c:
+        c.send({"id": "mine", "prompt": ONCE, "raw": True, "max_tokens": 20, "stream": True})
+        c.send({"op": "cancel", "id": "mine", "force": True})
+        c.send({"op": "status", "id": "mine"})
+        op_errors, events = [], []
+        while not events or events[-1]["event"] not in ("done", "error") or events[-1]["id"] != "mine":
+            event = c.read_event()
+            (op_errors if event["id"] is None else events).append(event)
+    assert [e["code"] for e in op_errors] == ["invalid_request", "invalid_request"]
+    assert events[-1]["event"] == "done" and events[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_tokens_per_second_is_the_decode_rate_even_for_short_answers(shared_daemon: DaemonProcess) -> None:
+    with shared_daemon.client() as c:
+        one = c.call({"prompt": ONCE, "raw": True, "max_tokens": 1})
+        short = c.call({"prompt": ONCE, "raw": True, "max_tokens": 3})
+        longer = c.call({"prompt": ONCE, "raw": True, "max_tokens": 32})
+    assert one["timings"]["tokens_per_second"] is None  # one token: no decode step to time
+    ratio = short["timings"]["tokens_per_second"] / longer["timings"]["tokens_per_second"]
+    assert 0.33 < ratio < 3, (short["timings"], longer["timings"])  # was 1.5x-100x off before
+
+
+def test_sigterm_is_not_held_up_by_a_client_that_never_reads(tmp_path: Path, gemma_path: Path) -> None:
+    cfg = write_config(tmp_path, gemma_path, {"shutdown": {"drain_seconds": 1.0}})
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hog.connect(str(d.socket_path))
+        hog.sendall(b'{"op": "status"}\n' * 800)  # ~0.5 MB of answers it never reads: under the 1 MiB cap
+        time.sleep(1.0)
+        started = time.monotonic()
+        d.signal(__import__("signal").SIGTERM)
+        code = d.wait(20)
+        took = time.monotonic() - started
+        hog.close()
+    assert code == 0
+    assert took < 10, f"shutdown took {took:.1f} s"

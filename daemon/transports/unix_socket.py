@@ -158,11 +158,11 @@ class _Connection:
                     break
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
-                        self.handle_line(exc.partial)
+                        self.handle_line_safely(exc.partial)
                     await self._linger_after_eof()
                     break
                 if line.strip():
-                    self.handle_line(line)
+                    self.handle_line_safely(line)
                     # Let a burst of events go out before reading more, without waiting on a slow reader.
                     await asyncio.sleep(0)
         except (ConnectionError, OSError):
@@ -188,6 +188,13 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.drain(), timeout=5.0)
 
+    def handle_line_safely(self, line: bytes) -> None:
+        try:
+            self.handle_line(line)
+        except Exception as exc:  # a bug must cost one line an error, not the client its connection
+            log.exception("socket.internal_error", peer=self.peer)
+            self.send(ErrorEvent(None, Code.INTERNAL_ERROR, f"internal error: {type(exc).__name__}").to_dict())
+
     def handle_line(self, line: bytes) -> None:
         backend = self.server.backend
         obj: dict[str, Any] | None = None
@@ -198,7 +205,16 @@ class _Connection:
                 return
             request = parse_request(obj, backend.defaults)
         except EdgeError as exc:
-            self.send(exc.to_event(peek_id(obj) if obj is not None else None).to_dict())
+            # An error about a control op is not about the request whose id it names.
+            request_id = peek_id(obj) if obj is not None and "op" not in obj else None
+            log.info("request.rejected", peer=self.peer, transport="socket", id=request_id, code=exc.code,
+                     reason=exc.message)
+            self.send(exc.to_event(request_id).to_dict())
+            return
+        if request.id in self.active:
+            # Refused here, so the original's id stays ours to cancel when this client leaves.
+            self.send(ErrorEvent(request.id, Code.DUPLICATE_ID,
+                                 f"a request with id {request.id!r} is already queued or running").to_dict())
             return
         self.active.add(request.id)
         backend.submit(request, self, self.origin)
@@ -221,6 +237,9 @@ class _Connection:
             self.send({"event": "health", "ok": status["state"] == "ready", "state": status["state"]})
         else:
             raise EdgeError(Code.INVALID_REQUEST, f"op: unknown operation {op!r}; known: cancel, status, health")
+
+    # How long shutdown waits for a client to take its last events before dropping it.
+    FLUSH_TIMEOUT_S = 1.0
 
 
 def _peer_hung_up(sock: Any) -> bool:
@@ -260,7 +279,8 @@ class UnixSocketServer:
             self._inode = self.path.stat().st_ino
             self._owns_path = True
         self._server = await asyncio.start_unix_server(
-            self._on_connect, sock=sock, limit=self.cfg.max_request_bytes + 1
+            # readuntil() measures the limit against the line without its newline.
+            self._on_connect, sock=sock, limit=self.cfg.max_request_bytes
         )
         log.info("socket.listening", path=str(self.path), mode=self.cfg.mode, activated=inherited is not None)
 
@@ -283,10 +303,14 @@ class UnixSocketServer:
     async def stop(self) -> None:
         self.stop_listening()
         for conn in list(self.connections):
+            # Bounded: a client that does not read must not hold up the shutdown.
             with contextlib.suppress(Exception):
-                await conn.writer.drain()
+                await asyncio.wait_for(conn.writer.drain(), timeout=_Connection.FLUSH_TIMEOUT_S)
             conn.closed = True
-            conn.writer.close()
+            if conn.writer.transport.get_write_buffer_size():
+                conn.writer.transport.abort()
+            else:
+                conn.writer.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=2.0)
