@@ -9,7 +9,6 @@ reconnect backoff schedule.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from daemon.protocol import (
     parse_json_object,
     parse_request,
     peek_id,
+    to_json_line,
 )
 
 if TYPE_CHECKING:
@@ -260,7 +260,7 @@ def event_payload(event: dict[str, Any], seq: int | None = None) -> bytes:
     """The JSON bytes of one event; request events carry `seq` (1, 2, …) so gaps show."""
     if seq is not None:
         event = {**event, "seq": seq}
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return to_json_line(event)[:-1]
 
 
 # --- reconnect backoff ----------------------------------------------------------------------
