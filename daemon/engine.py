@@ -36,6 +36,32 @@ FILE_TYPES = {
 }
 
 
+# ggml's log levels (ggml.h): DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
+_GGML_WARN, _GGML_ERROR = 3, 4
+_llama_log_callback: Any = None  # the ctypes callback must outlive every call llama.cpp makes to it
+
+
+def route_llama_logs() -> None:
+    """Send llama.cpp's own log lines through structlog (warnings and errors only) instead of
+    letting it write plain text to stderr, where it would break the one-JSON-event-per-line log."""
+    global _llama_log_callback
+    if _llama_log_callback is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def forward(level: int, text: bytes, user_data: Any) -> None:
+        if level in (_GGML_WARN, _GGML_ERROR):
+            message = text.decode("utf-8", errors="replace").strip()
+            if message:
+                (log.error if level == _GGML_ERROR else log.warning)("llama_cpp.log", message=message)
+
+    _llama_log_callback = forward
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+
+
 class ModelLoadError(Exception):
     """The model could not be loaded; the message says why and which config key to change."""
 
@@ -132,6 +158,7 @@ class Engine:
         if not os.access(path, os.R_OK):
             raise ModelLoadError(f"model file not readable: {path}")
         n_threads = self.engine_cfg.n_threads or physical_cores()
+        route_llama_logs()
         started = time.monotonic()
         try:
             llm = llama_cpp.Llama(

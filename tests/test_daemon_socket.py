@@ -541,3 +541,14 @@ def test_sigterm_is_not_held_up_by_a_client_that_never_reads(tmp_path: Path, gem
         hog.close()
     assert code == 0
     assert took < 10, f"shutdown took {took:.1f} s"
+
+
+def test_every_log_line_is_one_json_event(shared_daemon: DaemonProcess) -> None:
+    """journald and log shippers get one JSON object per line, llama.cpp's own output included."""
+    import json
+
+    lines = [line for line in shared_daemon.log().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        event = json.loads(line)
+        assert {"event", "level", "timestamp"} <= set(event), line
