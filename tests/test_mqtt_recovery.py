@@ -305,7 +305,8 @@ def test_a_full_member_leaves_the_fleet_and_rejoins_and_a_reload_applies_live(
         assert config.exists()
         daemon.signal(signal.SIGHUP)
         wait_until(lambda: not status(daemon)["mqtt"]["fleet"]["enabled"], what="reload")
-        assert not member()
+        # The UNSUBSCRIBE goes out right after the new settings are in place.
+        wait_until(lambda: not member(), timeout=5, what="leaving the fleet on reload")
         with Probe(broker, [f"edgellm/{node}/status"]) as watcher:
             watcher.wait_for(lambda m: not m.retain, count=2, timeout=5)  # periodic, with nothing going on
         with Probe(broker, ["homeassistant/#"]) as ha:
