@@ -24,7 +24,16 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+# Skip pip when nothing changed since the last successful setup: starts stay fast, and work offline.
+stamp=.venv/.edgellm-setup-stamp
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -x .venv/bin/edgellm ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
 .venv/bin/python -m pip install -q -e '.[dev]'
+echo "$want" > "$stamp"
 echo "setup: ready ($(.venv/bin/edgellm --version))"
