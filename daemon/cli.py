@@ -240,7 +240,7 @@ def format_status(status: dict[str, Any]) -> str:
     rows.append(("queue", f"{queue.get('depth', 0)}/{queue.get('max_depth', 0)} waiting, "
                  f"running: {queue.get('running') or '-'}"))
     rows.append(("requests", f"{requests.get('total', 0)} total, {requests.get('done', 0)} done, "
-                 f"{requests.get('error', 0)} errors"))
+                 f"{requests.get('cancelled', 0)} cancelled, {requests.get('error', 0)} errors"))
     tps = status.get("last_tokens_per_second")
     rows.append(("last speed", "-" if tps is None else f"{tps:.1f} tokens/s"))
     governor = status.get("governor")
@@ -262,7 +262,13 @@ def format_status(status: dict[str, Any]) -> str:
             rows.append(("sensor error", str(error)))
     mqtt = status.get("mqtt")
     if isinstance(mqtt, dict):
-        rows.append(("mqtt", ", ".join(f"{k} {v}" for k, v in mqtt.items() if not isinstance(v, (dict, list)))))
+        state = "connected" if mqtt.get("connected") else f"not connected ({mqtt.get('error') or 'retrying'})"
+        rows.append(("mqtt", f"{state} to {mqtt.get('broker')}, prefix {mqtt.get('prefix')}"))
+        fleet = mqtt.get("fleet") or {}
+        if fleet.get("enabled"):
+            rows.append(("fleet", "member" if fleet.get("member") else "not taking fleet work"))
+        rows.append(("mqtt traffic", f"{mqtt.get('received', 0)} received, {mqtt.get('answered', 0)} answered, "
+                     f"{mqtt.get('offline_buffered', 0)} waiting for the broker"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

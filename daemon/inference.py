@@ -64,7 +64,7 @@ class InferenceWorker:
         self._thread: threading.Thread | None = None
         self._status_sections: dict[str, StatusProvider] = {}
         self._listeners: list[StateListener] = []
-        self._counts = {"total": 0, "done": 0, "error": 0}
+        self._counts = {"total": 0, "done": 0, "cancelled": 0, "error": 0}
         self._last_tps: float | None = None
         self._heartbeat = clock()
         self._busy = False
@@ -431,7 +431,10 @@ class InferenceWorker:
                 )
             event = ErrorEvent(request.id, reason, messages.get(reason, reason), retry)
         with self._cv:
-            self._counts["done" if isinstance(event, DoneEvent) else "error"] += 1
+            if isinstance(event, DoneEvent):
+                self._counts["cancelled" if reason == "cancelled" else "done"] += 1
+            else:
+                self._counts["error"] += 1
             if tps is not None and gen.completion_tokens >= 4:
                 self._last_tps = round(tps, 2)
         self._log_summary(job, reason, usage, timings, gen.text)

@@ -552,3 +552,26 @@ def test_every_log_line_is_one_json_event(shared_daemon: DaemonProcess) -> None:
     for line in lines:
         event = json.loads(line)
         assert {"event", "level", "timestamp"} <= set(event), line
+
+
+def test_status_counts_cancelled_requests_apart_and_the_cli_shows_them(shared_daemon: DaemonProcess) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    with shared_daemon.client() as c, shared_daemon.client() as other:
+        before = c.status()["requests"]
+        c.send({"id": "count-me", "prompt": ONCE, "raw": True, "max_tokens": 400, "stream": True})
+        assert c.read_event()["event"] == "token"
+        other.call({"op": "cancel", "id": "count-me"})
+        assert list(read_until_final(c, "count-me"))[-1]["finish_reason"] == "cancelled"
+        after = c.status()["requests"]
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["done"] == before["done"]
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon", "status", "--socket", str(shared_daemon.socket_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=30, check=True,
+    ).stdout
+    assert f"{after['cancelled']} cancelled" in out
+    assert "state" in out and "ready" in out and "Gemma 3 270m" in out
