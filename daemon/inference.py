@@ -237,6 +237,7 @@ class InferenceWorker:
                     if self._stopping:
                         return
                     continue
+            self._notify_listeners()  # the queue got shorter: a full fleet member may rejoin
             final = self._execute(job)
             with self._cv:
                 self._scheduler.finish(job, self._clock())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Union
 
@@ -55,6 +56,48 @@ def is_topic_name(topic: str) -> bool:
 def shared_filter(group: str, topic: str) -> str:
     """The shared-subscription filter the broker load-balances across a fleet group."""
     return f"$share/{group}/{topic}"
+
+
+# --- fleet hand-offs ------------------------------------------------------------------------
+
+# MQTT 5 user property on a fleet request a member handed back because it had no room: how many
+# members have refused it so far. Absent on a request as a client published it.
+FLEET_HOPS_PROPERTY = "edgellm-hops"
+# After this many refusals in a row the fleet is saturated: the member that refuses it next answers
+# with its error (`queue_full`, `throttled`, `memory_low` and a `retry_after_ms`) instead.
+FLEET_MAX_HOPS = 3
+# Refusals that say "not here, not now" about one member: a peer may well have room.
+FLEET_BOUNCE_CODES = frozenset({Code.QUEUE_FULL, Code.THROTTLED, Code.MEMORY_LOW})
+
+
+def fleet_hops(user_properties: Iterable[tuple[str, str]] | None) -> int:
+    """The hop count a fleet request carries (0 when absent or not a small non-negative number)."""
+    for key, value in user_properties or ():
+        if key == FLEET_HOPS_PROPERTY:
+            try:
+                hops = int(value)
+            except (TypeError, ValueError):
+                return 0
+            return min(max(hops, 0), FLEET_MAX_HOPS)
+    return 0
+
+
+def should_bounce(code: str, hops: int, *, client_saw_events: bool, v5: bool) -> bool:
+    """Does a member hand a fleet request it refused back to the fleet (rather than answer the error)?
+
+    Only for a refusal about this member's capacity, only while the hop count allows it, only when
+    the client has seen nothing of this request yet (a stream that got `queued` or tokens is
+    answered here), and only over MQTT 5 (3.1.1 has no user properties to count hops in).
+    """
+    return v5 and code in FLEET_BOUNCE_CODES and hops < FLEET_MAX_HOPS and not client_saw_events
+
+
+def handoff_user_properties(original: Iterable[tuple[str, str]] | None, hops: int) -> list[tuple[str, str]]:
+    """The user properties of a handed-off request: the client's, with our hop count (if any) set."""
+    kept = [(k, v) for k, v in original or () if k != FLEET_HOPS_PROPERTY]
+    if hops > 0:
+        kept.append((FLEET_HOPS_PROPERTY, str(hops)))
+    return kept
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from daemon.mqtt_topics import FLEET_HOPS_PROPERTY, FLEET_MAX_HOPS
 from tests.helpers import DaemonProcess, merge, write_config
 from tests.mqtt_broker import MosquittoBroker, Probe, free_port
 from tests.test_mqtt_daemon import ONCE, mqtt_overrides, start_daemon, wait_online
@@ -63,6 +66,33 @@ def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "co
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+def logged(daemon: DaemonProcess, event: str, **fields: Any) -> list[dict[str, Any]]:
+    """The daemon's log events of one kind whose fields match."""
+    return [
+        e for e in log_events(daemon) if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+    ]
+
+
+def member(daemon: DaemonProcess) -> bool:
+    return bool(status(daemon)["mqtt"]["fleet"]["member"])
+
+
+def publish_burst(probe: Probe, topic: str, messages: list[tuple[dict[str, Any], int]], inbox: str) -> list[Any]:
+    """Publish (request, hops) pairs back to back without waiting in between, so the broker hands
+    them all to the subscriber before it can react to the first; return the PUBACK reasons."""
+    infos = []
+    for request, hops in messages:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = inbox
+        if hops:
+            props.UserProperty = (FLEET_HOPS_PROPERTY, str(hops))
+        infos.append(probe.client.publish(topic, json.dumps(request), qos=1, properties=props))
+    for info in infos:
+        info.wait_for_publish(10)
+    with probe._cv:
+        return [probe._acks.pop(info.mid) for info in infos]
 
 
 def finals_by_id(probe: Probe, topic: str) -> dict[str, list[dict[str, Any]]]:
@@ -237,6 +267,9 @@ def test_fleet_splits_requests_and_a_leaving_member_hands_its_backlog_to_the_oth
         "engine": {"n_threads": 1},
         # A short drain: what the leaving member has not finished by then goes back to the fleet.
         "shutdown": {"drain_seconds": 0.5},
+        # Room for everything: this test is about splitting and leaving. A member without room is
+        # the next two tests.
+        "queue": {"max_depth": 16},
     }
     a = start_daemon(tmp_path / "a", gemma_path, broker, "fa", overrides)
     b = start_daemon(tmp_path / "b", gemma_path, broker, "fb", overrides)
@@ -267,6 +300,108 @@ def test_fleet_splits_requests_and_a_leaving_member_hands_its_backlog_to_the_oth
     a_events = [e["event"] for e in log_events(a)]
     assert "mqtt.handed_off" in a_events
     assert a_events.index("mqtt.stop_accepting") < a_events.index("mqtt.handed_off")
+    # Every fleet request A did not answer (the queued ones and the one running when the drain
+    # ran out, all ended `shutting_down`) was handed back exactly once; none was kept back.
+    not_answered_by_a = sorted(e["id"] for e in logged(a, "request.finished", finish_reason="shutting_down"))
+    assert not_answered_by_a
+    assert sorted(e["id"] for e in logged(a, "mqtt.handed_off")) == not_answered_by_a
+    assert logged(a, "mqtt.handoff_failed") == []
+
+
+def test_a_leaving_member_whose_peer_is_full_waits_for_room_and_then_hands_over(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    """The race behind a lost fleet request: the member that is left has just filled its queue and
+    unsubscribed when the leaving one hands its running request back. The broker has no member to
+    give it to (PUBACK 16) and drops that copy; the leaving member must not give up on it (its own
+    copy would wait in its session until it came back) but publish it again once the peer has room."""
+    fleet_topic, inbox = "fleet/t2/request", "client/fleet2"
+    fleet = {"mqtt": {"fleet": {"enabled": True, "group": "g2", "topic": fleet_topic}}}
+    b = start_daemon(tmp_path / "b", gemma_path, broker, "f2b", merge(fleet, {"queue": {"max_depth": 1}}))
+    daemons = [b]
+    try:
+        with Probe(broker, [inbox]) as probe:
+            # B: one long generation running and one request waiting, so no room: it leaves the fleet.
+            probe.publish(
+                "edgellm/f2b/request", {"id": "L", "prompt": ONCE, "raw": True, "max_tokens": 1000, "stream": True},
+                response_topic=inbox,
+            )
+            probe.wait_for(lambda m: m.json.get("id") == "L" and m.json.get("event") == "token")
+            probe.publish(
+                "edgellm/f2b/request", {"id": "Q", "prompt": ONCE, "raw": True, "max_tokens": 4}, response_topic=inbox
+            )
+            wait_until(lambda: not member(b), what="the full peer leaving the fleet")
+            leaving = merge(fleet, {"shutdown": {"drain_seconds": 0.2}})
+            a = start_daemon(tmp_path / "a", gemma_path, broker, "f2a", leaving)
+            daemons.append(a)
+            wait_until(lambda: member(a), what="the other member joining")
+            request = {"id": "F", "prompt": ONCE, "raw": True, "max_tokens": 200}
+            assert probe.publish(fleet_topic, request, response_topic=inbox) != NO_MATCHING_SUBSCRIBERS
+            wait_until(lambda: status(a)["queue"]["running"] == "F", what="F running on A")
+            a.signal(signal.SIGTERM)
+            # A ends F with `shutting_down` and hands it to the fleet, where no member is subscribed.
+            wait_until(
+                lambda: any(e.get("event", "").startswith(("mqtt.handoff", "mqtt.handed_off")) for e in log_events(a)),
+                what="A handing F back",
+            )
+            probe.publish("edgellm/f2b/cancel", {"id": "L"})  # B makes room and rejoins
+            assert a.wait(30) == 0
+            final = probe.wait_final("F", timeout=60)
+            time.sleep(0.5)
+            finals = finals_by_id(probe, inbox)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+    assert final["event"] == "done", final
+    assert len(finals["F"]) == 1, finals["F"]
+    assert generated(b, "F") == 1
+    assert generated(a, "F") == 0
+    assert [e["finish_reason"] for e in logged(a, "request.finished", id="F")] == ["shutting_down"]
+    assert len(logged(a, "mqtt.handoff_waiting", id="F")) == 1  # the race happened: no member at first
+    assert len(logged(a, "mqtt.handed_off", id="F")) == 1
+    assert logged(a, "mqtt.handoff_failed") == []
+
+
+def test_a_full_member_bounces_fleet_requests_to_the_fleet_until_the_hop_limit(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    """Requests the broker had already sent a member when its queue filled (before it could leave
+    the fleet) go back to the fleet with a hop count instead of `queue_full`, and are answered by
+    whichever member has room (here: the same one, once it has). One that has been refused
+    `FLEET_MAX_HOPS` times is answered with the error: the fleet is saturated."""
+    fleet_topic, inbox = "fleet/t3/request", "client/fleet3"
+    overrides = {"queue": {"max_depth": 2}, "mqtt": {"fleet": {"enabled": True, "group": "g3", "topic": fleet_topic}}}
+    daemon = start_daemon(tmp_path / "d", gemma_path, broker, "f3", overrides)
+    try:
+        with Probe(broker, [inbox]) as probe:
+            probe.publish(
+                "edgellm/f3/request", {"id": "L", "prompt": ONCE, "raw": True, "max_tokens": 1000, "stream": True},
+                response_topic=inbox,
+            )
+            probe.wait_for(lambda m: m.json.get("id") == "L" and m.json.get("event") == "token")
+            assert member(daemon)  # one running, none waiting: room for two more
+            short = {"prompt": ONCE, "raw": True, "max_tokens": 4}
+            burst = [({"id": rid, **short}, 0) for rid in ("Q", "R", "X")] + [({"id": "Y", **short}, FLEET_MAX_HOPS)]
+            reasons = publish_burst(probe, fleet_topic, burst, inbox)
+            # All four reached the member while it was still subscribed: Q and R fill its queue.
+            assert [r.value for r in reasons] == [0, 0, 0, 0], reasons
+            refused = probe.wait_final("Y")
+            wait_until(lambda: bool(logged(daemon, "mqtt.handoff_waiting", id="X")), what="X waiting for room")
+            assert not member(daemon)
+            probe.publish("edgellm/f3/cancel", {"id": "L"})
+            for rid in ("Q", "R", "X"):
+                assert probe.wait_final(rid, timeout=60)["event"] == "done", rid
+            time.sleep(0.5)
+            finals = finals_by_id(probe, inbox)
+        mqtt = status(daemon)["mqtt"]
+    finally:
+        daemon.stop()
+    assert refused["code"] == "queue_full" and refused["retry_after_ms"] > 0, refused
+    assert {rid: len(f) for rid, f in finals.items()} == {"L": 1, "Q": 1, "R": 1, "X": 1, "Y": 1}
+    assert [e["hops"] for e in logged(daemon, "mqtt.fleet_bounced", id="X")] == [1]
+    assert logged(daemon, "mqtt.fleet_bounced", id="Y") == []
+    assert [e["finish_reason"] for e in logged(daemon, "request.finished", id="X")] == ["queue_full", "length"]
+    assert mqtt["bounced"] == 1 and mqtt["handed_off"] == 1
 
 
 def test_a_full_member_leaves_the_fleet_and_rejoins_and_a_reload_applies_live(

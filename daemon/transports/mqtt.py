@@ -51,11 +51,14 @@ from daemon.mqtt_topics import (
     default_client_id,
     error_event,
     event_payload,
+    fleet_hops,
     ha_prompt_request,
+    handoff_user_properties,
     interpret_request,
     make_topics,
     parse_cancel,
     shared_filter,
+    should_bounce,
 )
 from daemon.protocol import (
     Code,
@@ -78,6 +81,17 @@ JOURNAL_FILE = "mqtt-journal.sqlite3"
 STATUS_MIN_INTERVAL_S = 1.0
 # PUBACK reason 16: the broker took the message but no one subscribes to the topic.
 NO_MATCHING_SUBSCRIBERS = 16
+# A hand-off that reached no member (PUBACK 16: every member is full or leaving, so none is
+# subscribed; the broker dropped it) is published again after a jittered backoff in these bounds.
+HANDOFF_RETRY_MIN_S = 0.25
+HANDOFF_RETRY_MAX_S = 2.0
+# A running member that refused a fleet request gives the fleet this long to take it, then answers
+# its refusal (the fleet has had no room all that time).
+HANDOFF_GIVE_UP_S = 30.0
+# Of `stop()`'s time, what the end needs: `offline` PUBACKed, DISCONNECT sent.
+STOP_RESERVE_S = 1.0
+# Of `stop()`'s time, what hand-offs get after the drain: a full peer needs a moment to make room.
+STOP_HANDOFF_S = 4.0
 # Keys of [mqtt] that a SIGHUP applies without a new connection.
 _LIVE_KEYS = frozenset(
     {
@@ -96,6 +110,8 @@ class _Source:
     correlation: bytes | None
     expiry_s: int | None
     received_at: float
+    user_properties: tuple[tuple[str, str], ...] = ()
+    hops: int = 0
 
 
 @dataclass(eq=False)
@@ -121,6 +137,22 @@ class _Pending:
     finalized: bool = False
 
 
+@dataclass(eq=False)
+class _Handoff:
+    """A fleet request on its way back to the fleet. Our copy (`pending.acks`) is acknowledged only
+    once the broker has PUBACKed the re-published one with a member to give it to."""
+
+    pending: _Pending
+    source: _Source
+    hops: int
+    # What to answer if the fleet cannot take it (a refusal); None for a leaving member's request,
+    # which then stays unacknowledged in our session for our next start.
+    fallback: dict[str, Any] | None
+    started_at: float
+    backoff: Backoff
+    due: float | None = None
+
+
 class _RequestSink:
     """The `Sink` the backend sees: hands every event to the dispatcher (never blocks)."""
 
@@ -140,6 +172,7 @@ class _Counters:
     replayed: int = 0
     duplicates: int = 0
     handed_off: int = 0
+    bounced: int = 0
     left_for_redelivery: int = 0
     tokens_dropped: int = 0
     answers_dropped: int = 0
@@ -178,7 +211,8 @@ class MqttTransport:
         # Dispatcher-owned state.
         self._pending: dict[str, _Pending] = {}
         self._publish_mids: dict[int, _Pending] = {}
-        self._handoff_mids: dict[int, _Pending] = {}
+        self._handoff_mids: dict[int, _Handoff] = {}
+        self._handoffs_waiting: list[_Handoff] = []
         self._buffered_mids: set[int] = set()
         self._subscribed: set[str] = set()
         self._accepting = True
@@ -246,15 +280,24 @@ class MqttTransport:
 
     def stop(self, drain: bool = True, timeout_s: float = 10.0) -> None:
         """Leave the fleet, stop taking requests, let answers in flight reach the broker (when
-        `drain`), publish `offline`, disconnect. Requests not answered stay at the broker, unacked,
-        for the next start (or, for fleet requests, were handed back to the fleet)."""
+        `drain`), hand every fleet request we hold and will not answer back to the fleet, publish
+        `offline`, disconnect. Our own requests not answered stay at the broker, unacked, for the
+        next start; so does a fleet request no member could take before the time ran out.
+
+        The service stops the worker first, so queued and running requests have normally ended
+        with `shutting_down` (and been handed off) by now. A generation that did not end in time is
+        handed back here, and whatever it emits later is ignored: the fleet answers it, once."""
         if self._thread is None or self._stopping:
             return
         self._call(self._begin_stop)
         deadline = time.monotonic() + timeout_s
+        end = deadline - min(STOP_RESERVE_S, timeout_s / 4)
         if drain:
-            while time.monotonic() < deadline and self._connected and not self._idle.wait(0.05):
-                pass
+            self._wait_idle(max(time.monotonic(), end - STOP_HANDOFF_S))
+        self._call(self._hand_back_unfinished)
+        if drain:
+            self._wait_idle(end)
+        self._call(self._give_up_handoffs)
         self._call(self._publish_offline)
         self._offline_published.wait(max(0.0, min(2.0, deadline - time.monotonic())))
         client = self._client
@@ -267,6 +310,11 @@ class MqttTransport:
         if self._journal is not None:
             self._journal.close()
         log.info("mqtt.stopped", inflight_left=len(self._pending))
+
+    def _wait_idle(self, until: float) -> None:
+        """Until every answer and hand-off is PUBACKed (or `until`, or the connection is gone)."""
+        while time.monotonic() < until and self._connected and not self._idle.wait(0.05):
+            pass
 
     def stop_accepting(self) -> None:
         """Start of a drain: leave the fleet and take no new requests (they stay at the broker)."""
@@ -328,10 +376,10 @@ class MqttTransport:
             except Exception:
                 # A bug in handling one item must not take the door down.
                 log.exception("mqtt.dispatch_failed", item=kind)
-            finally:
-                if kind == "call":
-                    item[2].set()
+            # Before a caller wakes: `stop()` reads `_idle` right after its call returns.
             self._idle_check()
+            if kind == "call":
+                item[2].set()
 
     def _handle(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
@@ -352,15 +400,23 @@ class MqttTransport:
             self._on_state(item[1])
         elif kind == "call":
             item[1]()
+        self._retry_due_handoffs()
         self._maybe_publish_status()
 
     def _next_tick_in(self) -> float:
         now = self._clock()
         due = self._last_status_at + (STATUS_MIN_INTERVAL_S if self._status_dirty else self.cfg.status_interval_s)
+        for handoff in self._handoffs_waiting:
+            if handoff.due is not None:
+                due = min(due, handoff.due)
         return max(0.05, min(due - now, self.cfg.status_interval_s))
 
     def _idle_check(self) -> None:
-        busy = any(p.outstanding or not p.finalized for p in self._pending.values()) or bool(self._handoff_mids)
+        busy = (
+            any(p.outstanding or not p.finalized for p in self._pending.values())
+            or bool(self._handoff_mids)
+            or bool(self._handoffs_waiting)
+        )
         if busy:
             self._idle.clear()
         else:
@@ -465,6 +521,8 @@ class MqttTransport:
             # A new session: PUBACKs owed to the old one would now acknowledge unrelated messages.
             for pending in self._pending.values():
                 pending.acks.clear()
+            for handoff in [*self._handoff_mids.values(), *self._handoffs_waiting]:
+                handoff.pending.acks.clear()
             self._subscribed.clear()
         log.info(
             "mqtt.connected", broker=self._broker_name(self.cfg), session_present=session_present,
@@ -584,13 +642,7 @@ class MqttTransport:
             request=request,
             stream=request.stream,
             fleet=fleet,
-            source=_Source(
-                bytes(msg.payload),
-                response_topic if isinstance(response_topic, str) else None,
-                bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
-                expiry if isinstance(expiry, int) else None,
-                self._clock(),
-            ),
+            source=self._source_of(msg, response_topic, correlation, expiry),
         )
         if msg.qos > 0:
             pending.acks[msg.mid] = msg.qos
@@ -636,16 +688,23 @@ class MqttTransport:
             pending = _Pending(request_id=None, routes=[], fleet=True, finalized=True)
             if msg.qos > 0:
                 pending.acks[msg.mid] = msg.qos
-            source = _Source(
-                bytes(msg.payload),
-                response_topic if isinstance(response_topic, str) else None,
-                bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
-                expiry if isinstance(expiry, int) else None,
-                self._clock(),
-            )
-            self._hand_off(pending, source)
+            source = self._source_of(msg, response_topic, correlation, expiry)
+            self._hand_off(pending, source, hops=source.hops, fallback=None)
         else:
             self.counters.left_for_redelivery += 1
+
+    def _source_of(self, msg: paho.MQTTMessage, response_topic: Any, correlation: Any, expiry: Any) -> _Source:
+        user = _prop(msg.properties, "UserProperty")
+        user_properties = tuple((str(k), str(v)) for k, v in user) if isinstance(user, list) else ()
+        return _Source(
+            bytes(msg.payload),
+            response_topic if isinstance(response_topic, str) else None,
+            bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
+            expiry if isinstance(expiry, int) else None,
+            self._clock(),
+            user_properties,
+            fleet_hops(user_properties),
+        )
 
     def _on_cancel(self, msg: paho.MQTTMessage) -> None:
         response_topic = _prop(msg.properties, "ResponseTopic")
@@ -703,10 +762,13 @@ class MqttTransport:
         if isinstance(event, ErrorEvent) and event.code == Code.SHUTTING_DOWN:
             self._not_answered_on_shutdown(pending)
             return
+        client_saw_events = pending.seq > 0
         pending.seq += 1
         final = event.to_dict()
         if pending.stream or not pending.retain:
             final["seq"] = pending.seq
+        if isinstance(event, ErrorEvent) and self._bounce(pending, event.code, final, client_saw_events):
+            return
         if isinstance(event, DoneEvent) and pending.request_id is not None and self._journal is not None:
             try:
                 self._journal.put(pending.request_id, final)
@@ -724,7 +786,7 @@ class MqttTransport:
     def _not_answered_on_shutdown(self, pending: _Pending) -> None:
         """`shutting_down` is not an answer for MQTT: the prompt must survive the restart."""
         if pending.fleet and pending.source is not None:
-            self._hand_off(pending, pending.source)
+            self._hand_off(pending, pending.source, hops=pending.source.hops, fallback=None)
         else:
             self.counters.left_for_redelivery += 1
             log.info("mqtt.left_for_redelivery", id=pending.request_id)
@@ -813,13 +875,36 @@ class MqttTransport:
 
     # --- fleet ---------------------------------------------------------------------------------
 
-    def _hand_off(self, pending: _Pending, source: _Source) -> None:
-        """Give a fleet request we will not answer back to the fleet: re-publish it to the shared
-        topic (we are no longer subscribed, so a peer gets it) and ack our copy once the broker
-        has it. If no peer subscribes, our copy stays unacked in our session for our restart."""
+    def _bounce(self, pending: _Pending, code: str, final: dict[str, Any], client_saw_events: bool) -> bool:
+        """A fleet request this member refused for lack of room (queue full, governor) goes back to
+        the fleet with its hop count raised, so a peer with room answers it; `final` is answered
+        only when the fleet has refused it `FLEET_MAX_HOPS` times or cannot take it at all."""
+        source = pending.source
+        if not pending.fleet or source is None:
+            return False
+        if not should_bounce(code, source.hops, client_saw_events=client_saw_events, v5=self.cfg.protocol == "5"):
+            return False
+        self.counters.bounced += 1
+        log.info("mqtt.fleet_bounced", id=pending.request_id, code=code, hops=source.hops + 1)
+        self._hand_off(pending, source, hops=source.hops + 1, fallback=final)
+        return True
+
+    def _hand_off(self, pending: _Pending, source: _Source, *, hops: int, fallback: dict[str, Any] | None) -> None:
+        """Give a fleet request we will not answer back to the fleet: re-publish it to the fleet
+        topic and acknowledge our copy once the broker has PUBACKed it with a member to deliver to.
+        A leaving member is no longer subscribed, so a peer gets it; a full one is not either."""
+        self._forget(pending)
+        handoff = _Handoff(
+            pending, source, hops, fallback, self._clock(), Backoff(HANDOFF_RETRY_MIN_S, HANDOFF_RETRY_MAX_S)
+        )
+        self._publish_handoff(handoff)
+
+    def _publish_handoff(self, handoff: _Handoff) -> None:
         client = self._client
         if client is None:
+            self._give_up(handoff, "no MQTT client")
             return
+        source = handoff.source
         props = None
         if self.cfg.protocol == "5":
             props = _properties(PacketTypes.PUBLISH)
@@ -829,22 +914,107 @@ class MqttTransport:
                 props.CorrelationData = source.correlation
             if source.expiry_s is not None:
                 left = source.expiry_s - int(self._clock() - source.received_at)
-                props.MessageExpiryInterval = max(1, left)
+                if left <= 0:
+                    # Expired on its way back: the broker would discard it unanswered too.
+                    log.info("mqtt.handoff_expired", id=handoff.pending.request_id)
+                    self._acknowledge(handoff.pending)
+                    return
+                props.MessageExpiryInterval = left
+            user_properties = handoff_user_properties(source.user_properties, handoff.hops)
+            if user_properties:
+                props.UserProperty = user_properties
         info = client.publish(self.cfg.fleet.topic, source.payload, qos=1, properties=props)
-        self._forget(pending)
-        pending.request_id = None
-        self._handoff_mids[info.mid] = pending
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("mqtt.handoff_publish_failed", id=handoff.pending.request_id, rc=int(info.rc))
+            self._retry_handoff_later(handoff)
+            return
+        self._handoff_mids[info.mid] = handoff
 
-    def _on_handoff_acked(self, pending: _Pending, reason: ReasonCode | None) -> None:
-        if reason is not None and (reason.is_failure or reason.value == NO_MATCHING_SUBSCRIBERS):
-            self.counters.left_for_redelivery += 1
-            log.warning("mqtt.handoff_failed", reason=str(reason), action="kept in our session for the next start")
+    def _on_handoff_acked(self, handoff: _Handoff, reason: ReasonCode | None) -> None:
+        request_id = handoff.pending.request_id
+        if reason is not None and reason.value == NO_MATCHING_SUBSCRIBERS:
+            # No member is subscribed right now (all full, or leaving) and the broker dropped the
+            # copy: ours is still unacknowledged. Try again once a member may have made room.
+            self._retry_handoff_later(handoff)
+            return
+        if reason is not None and reason.is_failure:
+            # The broker refused it (usually its ACL): publishing it again will not help.
+            log.error(
+                "mqtt.handoff_refused_by_broker", id=request_id, reason=str(reason),
+                hint=f"the daemon needs write access to {self.cfg.fleet.topic}",
+            )
+            self._give_up(handoff, str(reason))
             return
         self.counters.handed_off += 1
-        log.info("mqtt.handed_off", topic=self.cfg.fleet.topic)
+        log.info("mqtt.handed_off", id=request_id, topic=self.cfg.fleet.topic, hops=handoff.hops)
+        self._acknowledge(handoff.pending)
+
+    def _retry_handoff_later(self, handoff: _Handoff) -> None:
+        now = self._clock()
+        if handoff.fallback is not None and not self._stopping and now - handoff.started_at >= HANDOFF_GIVE_UP_S:
+            self._give_up(handoff, f"no fleet member had room for {HANDOFF_GIVE_UP_S:.0f} s")
+            return
+        delay = handoff.backoff.next_delay()
+        handoff.due = now + delay
+        self._handoffs_waiting.append(handoff)
+        if handoff.backoff.attempt == 1:
+            log.info(
+                "mqtt.handoff_waiting", id=handoff.pending.request_id, retry_in_s=round(delay, 2),
+                reason="no fleet member is subscribed (all are full or leaving)",
+            )
+
+    def _retry_due_handoffs(self) -> None:
+        if not self._handoffs_waiting:
+            return
+        now = self._clock()
+        due = [h for h in self._handoffs_waiting if h.due is not None and h.due <= now]
+        if not due:
+            return
+        self._handoffs_waiting = [h for h in self._handoffs_waiting if h not in due]
+        for handoff in due:
+            handoff.due = None
+            self._publish_handoff(handoff)
+
+    def _give_up(self, handoff: _Handoff, why: str) -> None:
+        """The fleet cannot take it: answer the refusal we bounced it for; a leaving member's
+        request (nothing to answer) stays unacknowledged in our session for our next start."""
+        pending = handoff.pending
+        if handoff.fallback is None:
+            self.counters.left_for_redelivery += 1
+            log.warning(
+                "mqtt.handoff_failed", id=pending.request_id, reason=why,
+                action="kept unacknowledged in our session for our next start",
+            )
+            return
+        log.warning("mqtt.fleet_saturated", id=pending.request_id, reason=why, code=handoff.fallback.get("code"))
+        payload = event_payload(handoff.fallback)
+        pending.final_payload = payload
+        # Acknowledged when every publish is PUBACKed (`_on_published`); if none could be
+        # published (offline buffer full) it stays unacked and comes back after a reconnect.
+        for route in pending.routes:
+            self._publish_final(pending, route, payload)
+
+    def _acknowledge(self, pending: _Pending) -> None:
         for mid, qos in pending.acks.items():
             self._ack(mid, qos)
         pending.acks.clear()
+
+    def _hand_back_unfinished(self) -> None:
+        """Stop, after the drain: a fleet request still generating (the worker did not end it in
+        time) goes back to the fleet now; whatever it emits later is ignored (it is finalized)."""
+        for pending in list(self._pending.values()):
+            if pending.finalized or not pending.fleet or pending.source is None:
+                continue
+            pending.finalized = True
+            log.info("mqtt.handing_back_unfinished", id=pending.request_id)
+            self._hand_off(pending, pending.source, hops=pending.source.hops, fallback=None)
+
+    def _give_up_handoffs(self) -> None:
+        """Stop, time is up: hand-offs still waiting for a member stay in our session, unacked."""
+        waiting, self._handoffs_waiting = self._handoffs_waiting, []
+        for handoff in waiting:
+            handoff.fallback = None
+            self._give_up(handoff, "stopping: no fleet member had room in time")
 
     def _on_backend_state(self, status: dict[str, Any]) -> None:
         """State listener (inference or event-loop thread): hand it to the dispatcher."""
@@ -978,6 +1148,12 @@ class MqttTransport:
         unanswered = {id(p): p for p in self._publish_mids.values()}
         self._publish_mids.clear()
         self._buffered_mids.clear()
+        # Hand-offs the old connection had not got PUBACKs for go out again on the new one.
+        now = self._clock()
+        for handoff in self._handoff_mids.values():
+            handoff.due = now
+            self._handoffs_waiting.append(handoff)
+        self._handoff_mids.clear()
         self._start_client(cfg)
         for pending in unanswered.values():
             pending.outstanding.clear()
