@@ -79,21 +79,18 @@ class InferenceWorker:
     def submit(self, request: Request, sink: Sink, origin: Origin) -> None:
         now = self._clock()
         job = make_job(request, sink, origin, now)
-        notify = False
         try:
             with self._cv:
                 self._counts["total"] += 1
                 position = self._scheduler.submit(job, now, self._refusal(now))
                 must_wait = self._scheduler.running is not None or position > 1 or self._state != "ready"
                 self._cv.notify_all()
-                notify = True
         except EdgeError as exc:
             sink.emit(self._refused_event(job, exc))
             return
         if request.stream and must_wait:
             sink.emit(QueuedEvent(request.id, position))
-        if notify:
-            self._notify_listeners()
+        self._notify_listeners()
 
     def cancel(self, request_id: str) -> bool:
         with self._cv:

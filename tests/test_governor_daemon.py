@@ -88,9 +88,7 @@ def test_critical_stops_generation_with_throttled(tmp_path: Path, gemma_path: Pa
             c.send({"id": "long", "prompt": ONCE, "raw": True, "max_tokens": 400, "stream": True})
             assert c.read_event()["event"] == "token"
             temp.write_text("90000\n")
-            events = []
-            while not events or events[-1]["event"] not in ("done", "error"):
-                events.append(c.read_event())
+            events = list(read_until_final(c, "long"))
     assert events[-1]["code"] == "throttled"
 
 
@@ -103,9 +101,7 @@ def test_pause_longer_than_max_pause_stops_with_throttled(tmp_path: Path, gemma_
             assert c.read_event()["event"] == "token"
             temp.write_text("79500\n")
             started = time.monotonic()
-            events = []
-            while not events or events[-1]["event"] not in ("done", "error"):
-                events.append(c.read_event())
+            events = list(read_until_final(c, "long"))
             waited = time.monotonic() - started
     assert events[-1]["code"] == "throttled"
     assert waited >= 1.0
