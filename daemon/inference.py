@@ -136,9 +136,18 @@ class InferenceWorker:
         with self._cv:
             self._status_sections[name] = provider
 
+    def remove_status_section(self, name: str) -> None:
+        with self._cv:
+            self._status_sections.pop(name, None)
+
     def add_state_listener(self, listener: StateListener) -> None:
         with self._cv:
             self._listeners.append(listener)
+
+    def remove_state_listener(self, listener: StateListener) -> None:
+        with self._cv:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def can_accept(self) -> bool:
         with self._cv:
