@@ -44,6 +44,7 @@ DEFAULTS_SOURCE = "<defaults>"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 TEMPLATES = ("auto", "gguf", "gemma3", "olmo2", "chatml")
+KV_TYPES = ("f16", "q8_0", "q4_0")
 MQTT_PROTOCOLS = ("5", "3.1.1")
 MQTT_TRANSPORTS = ("tcp", "unix")
 
@@ -116,6 +117,14 @@ class EngineConfig:
     use_mmap: bool = True
     use_mlock: bool = False
     prefix_cache: bool = True
+    # Engine v2: parallel streams, prompt chunking, KV cache type, prefix cache, keep-alive.
+    parallel: int = field(default=4, metadata=_meta(min=1, max=16))
+    prompt_chunk: int = field(default=128, metadata=_meta(min=16, max=8192))
+    kv_type: str = field(default="f16", metadata=_meta(choices=KV_TYPES))
+    prefix_cache_mb: int = field(default=128, metadata=_meta(min=0, max=65536))
+    prefix_cache_persist: bool = True
+    prefix_cache_disk_mb: int = field(default=512, metadata=_meta(min=0, max=1048576))
+    keep_alive_s: float = field(default=-1.0, metadata=_meta(min=-1.0, max=31_536_000.0))
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class SocketConfig:
 @dataclass(frozen=True)
 class QueueConfig:
     max_depth: int = field(default=16, metadata=_meta(min=1, max=10000))
+    # A waiting request of higher priority suspends the lowest-priority running stream.
+    preempt: bool = True
 
 
 @dataclass(frozen=True)
@@ -442,6 +453,9 @@ def _cross_checks(cfg: Config, ctx: _Context) -> Config:
             f"must be less than model.n_ctx, or no prompt fits (got {cfg.generation.max_tokens} "
             f">= {cfg.model.n_ctx})",
         )
+    keep_alive = cfg.engine.keep_alive_s
+    if keep_alive < 0 and keep_alive != -1:
+        ctx.error("engine.keep_alive_s", f"must be -1 (keep loaded) or >= 0 seconds (got {_num(keep_alive)})")
     if cfg.model.path and cfg.model.name:
         ctx.error("model.name", "set either model.path (a file) or model.name (a catalog model), not both")
     mqtt = cfg.mqtt
