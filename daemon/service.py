@@ -21,10 +21,10 @@ import structlog
 from daemon import __version__, sdnotify
 from daemon.config import Config, ConfigError, load_config
 from daemon.engine import Engine
-from daemon.inference import InferenceWorker
 from daemon.logs import configure_logging
 from daemon.paths import serve_socket_path, state_dir
 from daemon.transports.unix_socket import UnixSocketServer
+from daemon.worker import InferenceWorker
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +55,7 @@ class Daemon:
 
         path = resolve_model_path(cfg.model, cfg.state_dir)
         self._check_memory_before_load(cfg, path)
-        return Engine(cfg.model, cfg.engine, path)
+        return Engine(cfg.model, cfg.engine, path, cfg.state_dir)
 
     def _check_memory_before_load(self, cfg: Config, path: Path) -> None:
         if not cfg.governor.enabled:

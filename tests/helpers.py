@@ -56,9 +56,10 @@ def base_config(tmp: Path, model_path: Path) -> dict[str, Any]:
     return {
         "state_dir": str(tmp / "state"),
         "model": {"path": str(model_path), "n_ctx": 1024},
-        "engine": {"n_threads": 2, "n_batch": 64},
+        # One stream and no preemption unless a test asks: most tests check the queue's own order.
+        "engine": {"n_threads": 2, "n_batch": 64, "parallel": 1},
         "socket": {"path": str(tmp / "edgellm.sock")},
-        "queue": {"max_depth": 8},
+        "queue": {"max_depth": 8, "preempt": False},
         "generation": {"max_tokens": 32, "temperature": 0.0},
         "logging": {"level": "debug", "format": "json"},
         "shutdown": {"drain_seconds": 10.0},

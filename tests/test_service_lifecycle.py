@@ -97,7 +97,8 @@ def test_watchdog_stops_pinging_while_the_inference_thread_is_stuck(
     # stall limit on this hardware: a real stuck step, not a simulated one.
     cfg = write_config(
         tmp_path, gemma_path,
-        {"model": {"n_ctx": 2048}, "engine": {"n_batch": 2048}, "service": {"watchdog_stall_s": 0.3}},
+        {"model": {"n_ctx": 2048}, "engine": {"n_batch": 2048, "prompt_chunk": 2048},
+         "service": {"watchdog_stall_s": 0.3}},
     )
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "100000"}
     with DaemonProcess(cfg, env=env) as d:
