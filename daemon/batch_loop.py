@@ -147,7 +147,9 @@ class BatchLoop:
         try:
             engine.step(streams, should_abort=lambda: self._must_abort(active))
         except Aborted:
-            return  # rolled back; the next turn ends whoever asked for it
+            # llama.cpp rolled the batch back; the next turn ends whoever asked for it.
+            log.debug("generation.step_aborted", ids=[j.id for j in active])
+            return
         except KvFull:
             self._relieve_kv(active, engine)
             return

@@ -257,6 +257,8 @@ class InferenceWorker:
             job.sink.emit(self.refused_event(job, EdgeError(Code.SHUTTING_DOWN, "the daemon is shutting down")))
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._engine is not None:
+            self._engine.flush()  # saved prefixes reach the disk before the process ends
         with self._cv:
             self._state = WorkerState.STOPPED
 
@@ -405,6 +407,7 @@ class InferenceWorker:
                 if self._state is WorkerState.LOADING:
                     self._state = WorkerState.READY
                 self._state_reason = ""
+                self._idle_since = self._clock()  # keep_alive_s counts from a loaded model
                 self._cv.notify_all()
         finally:
             self._loaded_event.set()

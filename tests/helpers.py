@@ -110,7 +110,7 @@ class DaemonProcess:
             try:
                 with Client(self.socket_path, timeout=5) as client:
                     health = client.health()
-                if health.get("state") in ("ready", "unavailable"):
+                if health.get("state") in ("ready", "unavailable", "idle"):
                     return self
             except (ClientError, OSError, ValueError):
                 pass

@@ -117,3 +117,103 @@ def test_error_event_shape() -> None:
     assert event.to_dict() == {
         "id": "r1", "event": "error", "code": "queue_full", "message": "full", "retry_after_ms": 1200,
     }
+
+
+# --- slots, KV budget and preemption (engine v2) ---------------------------------------------
+
+
+def prepared(j, kv: int = 10):  # type: ignore[no-untyped-def]
+    j.kv_need = kv
+    return j
+
+
+def test_plan_fills_every_free_slot_in_priority_order() -> None:
+    s = Scheduler(max_depth=10, slots=2, kv_capacity=1000)
+    for rid, prio in [("n1", "normal"), ("l1", "low"), ("h1", "high")]:
+        s.submit(prepared(job(rid, priority=prio)), 0)
+    plan = s.plan(1)
+    assert [j.id for j in plan.start] == ["h1", "n1"] and not plan.suspend
+    assert [j.id for j in s.running] == ["h1", "n1"] and [j.id for j in s.waiting()] == ["l1"]
+    assert not s.plan(1)  # no free slot, nothing less important running: no change
+
+
+def test_unprepared_job_blocks_the_plan_until_tokenized() -> None:
+    s = Scheduler(max_depth=10, slots=2, kv_capacity=1000)
+    first = job("a")
+    s.submit(first, 0)
+    assert s.unprepared() == [first]
+    assert not s.plan(0)
+    prepared(first)
+    assert [j.id for j in s.plan(0).start] == ["a"]
+
+
+def test_kv_budget_holds_a_job_that_does_not_fit_and_nothing_jumps_ahead() -> None:
+    s = Scheduler(max_depth=10, slots=4, kv_capacity=100)
+    s.submit(prepared(job("big1"), 60), 0)
+    s.submit(prepared(job("big2"), 60), 0)
+    s.submit(prepared(job("small"), 5), 0)
+    assert [j.id for j in s.plan(0).start] == ["big1"]
+    assert s.kv_reserved == 60
+    (running,) = s.running
+    s.finish(running, 1)
+    assert [j.id for j in s.plan(1).start] == ["big2", "small"]
+
+
+def test_preemption_suspends_the_least_important_latest_stream() -> None:
+    s = Scheduler(max_depth=10, slots=2, kv_capacity=1000, preempt=True)
+    s.submit(prepared(job("low-old", priority="low")), 0)
+    s.submit(prepared(job("low-new", priority="low")), 0)
+    s.plan(0)
+    s.running[1].started_at = 5  # started later
+    s.submit(prepared(job("high", priority="high")), 6)
+    plan = s.plan(6)
+    assert [j.id for j in plan.suspend] == ["low-new"] and [j.id for j in plan.start] == ["high"]
+    assert [j.id for j in s.suspended] == ["low-new"] and s.preemptions == 1
+    assert s.position(plan.suspend[0]) == 1  # it resumes before anything else of its priority
+
+
+def test_equal_priority_never_preempts_and_suspended_resume_first() -> None:
+    s = Scheduler(max_depth=10, slots=1, kv_capacity=1000, preempt=True)
+    s.submit(prepared(job("low", priority="low")), 0)
+    s.plan(0)
+    s.submit(prepared(job("normal")), 1)
+    assert [j.id for j in s.plan(1).suspend] == ["low"]
+    s.submit(prepared(job("normal2")), 2)
+    assert not s.plan(2)  # normal does not preempt normal
+    s.submit(prepared(job("low2", priority="low")), 3)
+    (running,) = s.running
+    s.finish(running, 4)
+    assert [j.id for j in s.plan(4).start] == ["normal2"]
+    (running,) = s.running
+    s.finish(running, 5)
+    assert [j.id for j in s.plan(5).start] == ["low"]  # the suspended one before the newer low
+
+
+def test_preemption_off_waits() -> None:
+    s = Scheduler(max_depth=10, slots=1, kv_capacity=1000, preempt=False)
+    s.submit(prepared(job("low", priority="low")), 0)
+    s.plan(0)
+    s.submit(prepared(job("high", priority="high")), 1)
+    assert not s.plan(1)
+
+
+def test_preemption_frees_kv_for_a_big_important_job() -> None:
+    s = Scheduler(max_depth=10, slots=4, kv_capacity=100, preempt=True)
+    for rid in ("l1", "l2"):
+        s.submit(prepared(job(rid, priority="low"), 40), 0)
+    s.plan(0)
+    s.submit(prepared(job("h", priority="high"), 70), 1)
+    plan = s.plan(1)
+    assert sorted(j.id for j in plan.suspend) == ["l1", "l2"] and [j.id for j in plan.start] == ["h"]
+
+
+def test_cancel_of_a_suspended_job_is_flagged_for_the_worker() -> None:
+    s = Scheduler(max_depth=10, slots=1, kv_capacity=1000)
+    s.submit(prepared(job("low", priority="low")), 0)
+    s.plan(0)
+    s.submit(prepared(job("high", priority="high")), 1)
+    s.plan(1)
+    cancelled, was_waiting = s.cancel("low")
+    assert cancelled is not None and cancelled.cancelled and not was_waiting
+    s.finish(cancelled, 2)  # the worker ends it with the text so far
+    assert s.suspended == []

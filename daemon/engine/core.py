@@ -228,9 +228,13 @@ class Engine:
             self._llama.close()
             self._llama = None
             self.cache.clear()
-            if self.cache.store is not None:
-                self.cache.store.stop()
+            self.flush()
             log.info("model.unloaded", path=str(self.path))
+
+    def flush(self) -> None:
+        """Finish writing saved prefixes to disk (at shutdown)."""
+        if self.cache.store is not None:
+            self.cache.store.stop()
 
     def set_threads(self, n_threads: int) -> None:
         """Change decode threads live (the governor may use fewer when warm)."""

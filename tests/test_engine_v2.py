@@ -1,0 +1,238 @@
+"""Engine v2 against a real daemon process and the real model: parallel streams, prompt chunks,
+preemption, the multi-entry persistent prefix cache, keep-alive, KV types, abort inside a step.
+
+llama.cpp's CPU kernels are not batch-invariant, so parallel answers are compared with solo ones
+only on what is guaranteed (the first 16 tokens at temperature 0), never bit for bit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import DaemonProcess, read_until_final, wait_status, write_config
+
+ONCE = "Once upon a time, there was a little"
+PARALLEL = {"engine": {"parallel": 4, "prompt_chunk": 64, "n_batch": 128}, "model": {"n_ctx": 2048}}
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def stream_events(daemon: DaemonProcess, request: dict[str, Any]) -> list[dict[str, Any]]:
+    with daemon.client() as c:
+        c.send({"stream": True, **request})
+        return list(read_until_final(c, request["id"]))
+
+
+def tokens_and_final(events: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    finals = [e for e in events if e["event"] in ("done", "error")]
+    assert len(finals) == 1 and events[-1] is finals[0], events
+    return [e["text"] for e in events if e["event"] == "token"], finals[0]
+
+
+@pytest.fixture(scope="module")
+def parallel_daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Any:
+    tmp = tmp_path_factory.mktemp("v2")
+    with DaemonProcess(write_config(tmp, gemma_path, PARALLEL)) as d:
+        d.wait_ready()
+        yield d
+
+
+def test_four_streams_decode_together_and_agree_with_solo(parallel_daemon: DaemonProcess) -> None:
+    request = {"prompt": ONCE, "raw": True, "max_tokens": 24, "temperature": 0}
+    solo_tokens, solo = tokens_and_final(stream_events(parallel_daemon, {"id": "solo", **request}))
+    results: dict[str, list[dict[str, Any]]] = {}
+
+    def run(rid: str) -> None:
+        results[rid] = stream_events(parallel_daemon, {"id": rid, **request})
+
+    threads = [threading.Thread(target=run, args=(f"p{i}",)) for i in range(4)]
+    most_running = 0
+    with parallel_daemon.client() as c:
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            engine = c.status()["engine"]
+            most_running = max(most_running, len(engine["running"]))
+            time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert most_running >= 2, "the streams never ran at the same time"
+    for rid, events in results.items():
+        tokens, done = tokens_and_final(events)
+        assert done["event"] == "done" and done["finish_reason"] == "length", done
+        assert "".join(tokens) == done["text"], rid  # exactly once, in order
+        assert tokens[:16] == solo_tokens[:16], rid
+    assert solo["text"].startswith(" girl named Lily")
+
+
+def test_a_long_prompt_joins_in_chunks_without_freezing_a_running_stream(parallel_daemon: DaemonProcess) -> None:
+    long_first: list[float] = []
+    long_sent: list[float] = []
+
+    def long_request() -> None:
+        with parallel_daemon.client() as b:
+            long_sent.append(time.monotonic())
+            b.send({"id": "long", "prompt": "the weather is fine today. " * 150, "raw": True, "max_tokens": 2,
+                    "stream": True})
+            for event in read_until_final(b, "long"):
+                if event["event"] in ("token", "done") and not long_first:
+                    long_first.append(time.monotonic())
+
+    runner_tokens: list[float] = []
+    with parallel_daemon.client() as a:
+        a.send({"id": "runner", "prompt": ONCE, "raw": True, "max_tokens": 400, "stream": True, "temperature": 0})
+        assert a.read_event()["event"] == "token"
+        other = threading.Thread(target=long_request)
+        other.start()
+        for event in read_until_final(a, "runner"):
+            if event["event"] == "token":
+                runner_tokens.append(time.monotonic())
+            if long_first and runner_tokens[-1] > long_first[0]:
+                a.send({"op": "cancel", "id": "runner"})
+        other.join()
+    assert long_sent and long_first, "the long request never answered"
+    during = [t for t in runner_tokens if long_sent[0] < t < long_first[0]]
+    # ~900 prompt tokens in chunks of 64: the runner kept decoding between the chunks.
+    assert len(during) >= 5, (len(during), len(runner_tokens))
+
+
+def test_status_reports_kv_and_prefix_cache(parallel_daemon: DaemonProcess) -> None:
+    with parallel_daemon.client() as c:
+        engine = c.status()["engine"]
+    assert engine["parallel"] == 4 and engine["kv_type"] == "f16" and engine["kv_bytes"] > 1_000_000
+    assert {"entries", "bytes", "hits", "misses", "persist"} <= set(engine["prefix_cache"])
+    assert engine["suspended"] == [] and engine["keep_alive_s"] == -1
+
+
+def system_prompt(topic: str) -> str:
+    return f"You are the {topic} assistant of a smart home. Answer briefly about {topic}. " * 12
+
+
+def test_two_system_prompts_alternating_both_stay_cached(parallel_daemon: DaemonProcess) -> None:
+    cached = []
+    with parallel_daemon.client() as c:
+        for topic in ("lights", "heating", "lights", "heating"):
+            done = c.call({"messages": [{"role": "system", "content": system_prompt(topic)},
+                                        {"role": "user", "content": f"{topic} {len(cached)}?"}], "max_tokens": 2})
+            cached.append((done["timings"]["cached_tokens"], done["usage"]["prompt_tokens"]))
+    # The third and fourth requests reuse their own system prompt, though the other one came between.
+    for hit, total in cached[2:]:
+        assert hit >= 0.8 * total and hit < total, cached
+
+
+def test_preempted_stream_resumes_exactly_where_it_stopped(tmp_path: Path, gemma_path: Path) -> None:
+    cfg = write_config(tmp_path, gemma_path, {"engine": {"parallel": 1}, "queue": {"preempt": True}})
+    low = {"prompt": ONCE, "raw": True, "max_tokens": 80, "temperature": 0, "priority": "low"}
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        solo_tokens, solo = tokens_and_final(stream_events(d, {"id": "solo", **low}))
+        with d.client() as c, d.client() as watcher:
+            c.send({"id": "low", "stream": True, **low})
+            low_events = []
+            while len(low_events) < 5:
+                low_events.append(c.read_event())
+            c.send({"id": "high", "prompt": "The capital of France is", "raw": True, "max_tokens": 6,
+                    "priority": "high", "stream": True})
+            suspended = wait_status(watcher, lambda s: s["engine"]["suspended"] == ["low"], timeout=30)
+            assert suspended["queue"]["suspended"] == 1
+            finals: list[str] = []
+            while len(finals) < 2:
+                event = c.read_event()
+                if event["id"] == "low":
+                    low_events.append(event)
+                if event["event"] in ("done", "error"):
+                    finals.append(event["id"])
+    assert finals == ["high", "low"]
+    tokens, done = tokens_and_final(low_events)
+    assert done["event"] == "done" and done["finish_reason"] == solo["finish_reason"]
+    assert "".join(tokens) == done["text"] == solo["text"]  # none lost, none repeated
+    assert tokens == solo_tokens
+    events = d.log_events()
+    assert any(e.get("event") == "generation.suspended" and e.get("id") == "low" for e in events)
+    assert any(e.get("event") == "generation.resumed" and e.get("id") == "low" for e in events)
+
+
+def test_prefix_cache_survives_a_restart_and_bad_files_are_ignored(tmp_path: Path, gemma_path: Path) -> None:
+    cfg = write_config(tmp_path, gemma_path, {"model": {"n_ctx": 2048}})
+    ask = {"messages": [{"role": "system", "content": system_prompt("garden")},
+                        {"role": "user", "content": "Water the roses?"}], "max_tokens": 2}
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            assert c.call(ask)["timings"]["cached_tokens"] == 0
+    files = list((tmp_path / "state" / "prefix-cache").glob("*/*.kv"))
+    assert len(files) == 1
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            warm = c.call({**ask, "messages": [ask["messages"][0], {"role": "user", "content": "And the tulips?"}]})
+    assert warm["timings"]["cached_tokens"] >= 0.8 * warm["usage"]["prompt_tokens"]
+    for f in (tmp_path / "state" / "prefix-cache").glob("*/*.kv"):
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated by a power cut
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            again = c.call(ask)
+        ignored = [e for e in d.log_events() if e.get("event") == "prefix_cache.file_ignored"]
+    assert again["event"] == "done" and again["timings"]["cached_tokens"] == 0
+    assert len(ignored) >= 1
+
+
+def test_keep_alive_unloads_when_idle_and_reloads_on_demand(tmp_path: Path, gemma_path: Path) -> None:
+    cfg = write_config(tmp_path, gemma_path, {"engine": {"keep_alive_s": 1}})
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
+            loaded_rss = rss_kb(d.proc.pid)
+            idle = wait_status(c, lambda s: s["state"] == "idle", timeout=20)
+            assert idle["engine"]["last_cold_start_ms"] is not None
+            idle_rss = rss_kb(d.proc.pid)
+            done = c.call({"id": "after", "prompt": ONCE, "raw": True, "max_tokens": 8, "temperature": 0})
+            status = c.status()
+    assert done["text"].startswith(" girl named Lily")
+    assert status["state"] in ("ready", "idle")
+    assert loaded_rss - idle_rss > 100_000, (loaded_rss, idle_rss)  # the model's pages were released
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_quantized_kv_cache_answers_and_is_smaller(tmp_path: Path, gemma_path: Path, kv_type: str) -> None:
+    cfg = write_config(tmp_path, gemma_path, {"engine": {"kv_type": kv_type}})
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            done = c.call({"prompt": ONCE, "raw": True, "max_tokens": 12, "temperature": 0})
+            engine = c.status()["engine"]
+    assert done["event"] == "done" and done["usage"]["completion_tokens"] == 12
+    assert "girl" in done["text"] or "boy" in done["text"]
+    assert engine["kv_type"] == kv_type
+    f16_bytes = engine["kv_bytes"] * (2 / (34 / 32) if kv_type == "q8_0" else 2 / (18 / 32))
+    assert engine["kv_bytes"] < 0.6 * f16_bytes
+
+
+def test_cancel_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Path) -> None:
+    cfg = write_config(tmp_path, gemma_path, {"model": {"n_ctx": 2048},
+                                              "engine": {"n_batch": 2048, "prompt_chunk": 2048}})
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            c.send({"id": "long", "prompt": "story " * 1800, "raw": True, "max_tokens": 2, "stream": True})
+            time.sleep(0.3)  # inside the one 1800-token step
+            c.send({"op": "cancel", "id": "long"})
+            final = list(read_until_final(c, "long"))[-1]
+            after = c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
+        aborted = [e for e in d.log_events() if e.get("event") == "generation.step_aborted"]
+    assert final["event"] == "done" and final["finish_reason"] == "cancelled"
+    assert final["usage"]["completion_tokens"] == 0
+    assert aborted, "the cancel did not reach into the running llama_decode"
+    assert after["event"] == "done"

@@ -1,0 +1,117 @@
+"""The prefix cache's bookkeeping and its disk store, without a model: states are plain bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from daemon.engine.prefix_cache import MIN_TOKENS, DiskStore, PrefixCache, model_sha256
+
+FINGERPRINT = {"format": 1, "model_sha256": "abc", "n_ctx": 2048, "kv_type": "f16"}
+SYSTEM = list(range(100, 100 + 2 * MIN_TOKENS))
+
+
+def test_longest_common_prefix_wins_and_hits_are_counted() -> None:
+    cache = PrefixCache(10_000_000)
+    cache.add([*SYSTEM, 1, 2], b"A" * 100)
+    cache.add([*SYSTEM[:40], 9, 9], b"B" * 100)
+    entry, n = cache.best([*SYSTEM, 5])
+    assert entry is not None and n == len(SYSTEM) and entry.state[:1] == b"A"
+    cache.record(entry)
+    cache.record(None)
+    assert cache.status()["hits"] == 1 and cache.status()["misses"] == 1
+
+
+def test_lru_eviction_by_bytes_and_superseded_prefixes() -> None:
+    cache = PrefixCache(max_bytes=3000)
+    cache.add([*SYSTEM, 1], b"x" * 1000)
+    cache.add([*SYSTEM, 2], b"y" * 1000)
+    cache.best([*SYSTEM, 1])
+    cache.record(cache.best([*SYSTEM, 1])[0])  # 1 is now the most recent
+    cache.add([*SYSTEM, 3], b"z" * 1000)
+    keys = [e.tokens[-1] for e in cache._entries.values()]
+    assert keys == [1, 3] and cache.bytes <= 3000
+    cache.add([*SYSTEM, 3, 4, 5], b"w" * 10)  # supersedes [..., 3]
+    assert [e.tokens[-1] for e in cache._entries.values()] == [1, 5]
+
+
+def test_wants_only_long_uncovered_prompts() -> None:
+    cache = PrefixCache(10_000_000)
+    assert not cache.wants(SYSTEM[: MIN_TOKENS - 1])
+    assert cache.wants(SYSTEM)
+    cache.add(SYSTEM, b"s")
+    assert not cache.wants(SYSTEM[:-1])  # covered by the entry
+
+
+def store(tmp: Path, fingerprint: dict[str, object] = FINGERPRINT, max_bytes: int = 10_000_000) -> DiskStore:
+    s = DiskStore(tmp / "prefix-cache", dict(fingerprint), max_bytes)
+    s.start()
+    return s
+
+
+def test_disk_round_trip_and_a_restart_reads_newest_first(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    cache = PrefixCache(10_000_000, s)
+    cache.add([*SYSTEM, 1], b"one" * 100)
+    cache.add([*SYSTEM, 2], b"two" * 100)
+    s.stop()
+    again = PrefixCache(10_000_000, store(tmp_path))
+    assert again.load_from_disk() == 2
+    entry, n = again.best([*SYSTEM, 2])
+    assert entry is not None and entry.state == b"two" * 100 and n == len(SYSTEM) + 1
+
+
+def test_corrupt_truncated_and_foreign_files_are_ignored_with_a_log_line(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    cache = PrefixCache(10_000_000, s)
+    for last in (1, 2, 3, 4):
+        cache.add([*SYSTEM, last], bytes([last]) * 500)
+    s.stop()
+    files = sorted(s.dir.glob("*.kv"))
+    assert len(files) == 4
+    files[0].write_bytes(files[0].read_bytes()[:-10])  # truncated
+    data = bytearray(files[1].read_bytes())
+    data[-1] ^= 0xFF  # flipped bit in the state
+    files[1].write_bytes(bytes(data))
+    files[2].write_bytes(b"garbage")
+    with capture_logs() as logs:
+        loaded = PrefixCache(10_000_000, store(tmp_path)).load_from_disk()
+    assert loaded == 1
+    ignored = [e for e in logs if e["event"] == "prefix_cache.file_ignored"]
+    assert len(ignored) == 3 and len(list(s.dir.glob("*.kv"))) == 1
+    # Another model (or n_ctx, or KV type) looks in another folder and never sees these files.
+    other = PrefixCache(10_000_000, store(tmp_path, {**FINGERPRINT, "model_sha256": "def"}))
+    assert other.load_from_disk() == 0
+
+
+def test_foreign_file_copied_into_the_folder_is_refused(tmp_path: Path) -> None:
+    mine, theirs = store(tmp_path), store(tmp_path / "x", {**FINGERPRINT, "kv_type": "q8_0"})
+    PrefixCache(10_000_000, theirs).add([*SYSTEM, 1], b"q" * 50)
+    theirs.stop()
+    mine.dir.mkdir(parents=True, exist_ok=True)
+    for f in theirs.dir.glob("*.kv"):
+        (mine.dir / f.name).write_bytes(f.read_bytes())
+    with capture_logs() as logs:
+        assert PrefixCache(10_000_000, mine).load_from_disk() == 0
+    assert any("another kv_type" in str(e.get("reason")) for e in logs)
+    mine.stop()
+
+
+def test_disk_bound_drops_the_oldest(tmp_path: Path) -> None:
+    s = store(tmp_path, max_bytes=2500)
+    cache = PrefixCache(10_000_000, s)
+    for last in range(5):
+        cache.add([*SYSTEM, last], b"s" * 1000)
+    s.stop()
+    assert sum(p.stat().st_size for p in s.dir.glob("*.kv")) <= 2500
+
+
+def test_model_hash_is_remembered(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"weights")
+    ids = tmp_path / "ids.json"
+    first = model_sha256(model, ids)
+    assert ids.exists() and model_sha256(model, ids) == first
+    model.write_bytes(b"other weights")
+    assert model_sha256(model, ids) != first
