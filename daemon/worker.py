@@ -48,6 +48,71 @@ class WorkerState(str, enum.Enum):
     STOPPED = "stopped"
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    parallel: int
+    running: tuple[str, ...]
+    suspended: tuple[str, ...]
+    preemptions: int
+    kv_cells: int
+    kv_cells_reserved: int
+    keep_alive_s: float
+    last_cold_start_ms: float | None
+    n_threads: int | None
+    engine: dict[str, Any]  # the engine's own: kv_type, kv_bytes, prefix_cache
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "parallel": self.parallel,
+            "running": list(self.running),
+            "suspended": list(self.suspended),
+            "preemptions": self.preemptions,
+            "kv_cells": self.kv_cells,
+            "kv_cells_reserved": self.kv_cells_reserved,
+            "keep_alive_s": self.keep_alive_s,
+            "last_cold_start_ms": self.last_cold_start_ms,
+            "n_threads": self.n_threads,
+            **self.engine,
+        }
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """What `status` reports, taken under the worker's lock in one go."""
+
+    state: WorkerState
+    reason: str
+    uptime_s: float
+    model: dict[str, Any] | None
+    depth: int
+    max_depth: int
+    counts: dict[str, int]
+    last_tokens_per_second: float | None
+    governor: dict[str, Any] | None
+    engine: EngineSnapshot
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "state": self.state.value,
+            "version": __version__,
+            "uptime_s": self.uptime_s,
+            "model": self.model,
+            "queue": {
+                "depth": self.depth,
+                "max_depth": self.max_depth,
+                "running": self.engine.running[0] if self.engine.running else None,
+                "suspended": len(self.engine.suspended),
+            },
+            "requests": self.counts,
+            "last_tokens_per_second": self.last_tokens_per_second,
+            "governor": self.governor,
+            "engine": self.engine.to_dict(),
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
 @dataclass
 class Counts:
     total: int = 0
@@ -123,40 +188,37 @@ class InferenceWorker:
             self.notify_listeners()
         return True
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> StatusSnapshot:
         with self._cv:
             scheduler = self._scheduler
-            running = [job.id for job in scheduler.running]
             engine = self._engine
-            out: dict[str, Any] = {
-                "state": self._state.value,
-                "version": __version__,
-                "uptime_s": round(self._clock() - self._started_at, 1),
-                "model": None if engine is None or engine.info is None else engine.info.to_dict(),
-                "queue": {
-                    "depth": scheduler.depth,
-                    "max_depth": scheduler.max_depth,
-                    "running": running[0] if running else None,
-                    "suspended": len(scheduler.suspended),
-                },
-                "requests": self.counts.to_dict(),
-                "last_tokens_per_second": self.last_tps,
-                "governor": None if self._decision is None else self._decision.to_dict(),
-                "engine": {
-                    "parallel": scheduler.slots,
-                    "running": running,
-                    "suspended": [job.id for job in scheduler.suspended],
-                    "preemptions": scheduler.preemptions,
-                    "kv_cells": scheduler.kv_capacity,
-                    "kv_cells_reserved": scheduler.kv_reserved,
-                    "keep_alive_s": self.cfg.engine.keep_alive_s,
-                    "last_cold_start_ms": self._last_cold_start_ms,
-                    "n_threads": None if engine is None else engine.threads,
-                    **({} if engine is None else engine.status()),
-                },
-            }
-            if self._state_reason:
-                out["reason"] = self._state_reason
+            return StatusSnapshot(
+                state=self._state,
+                reason=self._state_reason,
+                uptime_s=round(self._clock() - self._started_at, 1),
+                model=None if engine is None or engine.info is None else engine.info.to_dict(),
+                depth=scheduler.depth,
+                max_depth=scheduler.max_depth,
+                counts=self.counts.to_dict(),
+                last_tokens_per_second=self.last_tps,
+                governor=None if self._decision is None else self._decision.to_dict(),
+                engine=EngineSnapshot(
+                    parallel=scheduler.slots,
+                    running=tuple(job.id for job in scheduler.running),
+                    suspended=tuple(job.id for job in scheduler.suspended),
+                    preemptions=scheduler.preemptions,
+                    kv_cells=scheduler.kv_capacity,
+                    kv_cells_reserved=scheduler.kv_reserved,
+                    keep_alive_s=self.cfg.engine.keep_alive_s,
+                    last_cold_start_ms=self._last_cold_start_ms,
+                    n_threads=None if engine is None else engine.threads,
+                    engine={} if engine is None else engine.status(),
+                ),
+            )
+
+    def status(self) -> dict[str, Any]:
+        out = self.snapshot().to_dict()
+        with self._cv:
             sections = list(self._status_sections.items())
         for name, provider in sections:
             try:
@@ -341,7 +403,10 @@ class InferenceWorker:
                 continue
             self._prepare_waiting(engine)
             with self._cv:
-                plan = self._scheduler.plan(self._clock()) if self._pending_engine is None else None
+                # A reloaded model waits for the running streams to end; suspended ones must be
+                # able to resume meanwhile, or the swap would wait for them forever.
+                can_plan = self._pending_engine is None or bool(self._scheduler.suspended)
+                plan = self._scheduler.plan(self._clock()) if can_plan else None
             if plan:
                 self.loop.apply(plan, engine)
                 self.notify_listeners()  # the queue got shorter: a full fleet member may rejoin
@@ -367,6 +432,9 @@ class InferenceWorker:
         KV cells each one needs and a prompt that cannot fit is refused at once, not after a wait."""
         with self._cv:
             todo = self._scheduler.unprepared()
+            waiting = set(self._scheduler.waiting())
+            for gone in [j for j in self.loop.prepared if j not in waiting]:  # expired or cancelled
+                del self.loop.prepared[gone]
         for job in todo:
             try:
                 prepared = engine.prepare(job.request, max_tokens_for(job.request.max_tokens, self._decision))

@@ -201,3 +201,23 @@ def test_hot_fleet_member_leaves_the_shared_subscription_and_rejoins(tmp_path: P
                 back = wait_status(c, lambda s: s["mqtt"]["fleet"]["member"], timeout=15)
     assert hot["governor"]["state"] == "hot" and not hot["governor"]["admit"]
     assert back["governor"]["state"] == "normal"
+
+
+def test_warm_threads_apply_to_the_batch_and_come_back_after_a_warm_spell_between_jobs(
+    tmp_path: Path, gemma_path: Path
+) -> None:
+    cfg, temp, _ = governed(tmp_path, gemma_path, warm_n_threads=1)
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            wait_status(c, lambda s: (s["governor"] or {}).get("state") == "normal")
+            c.call({"prompt": ONCE, "raw": True, "max_tokens": 2})
+            assert c.status()["engine"]["n_threads"] == 2
+            temp.write_text("72000\n")  # warm
+            wait_status(c, lambda s: s["governor"]["state"] == "warm")
+            c.call({"prompt": ONCE, "raw": True, "max_tokens": 2})
+            assert c.status()["engine"]["n_threads"] == 1
+            temp.write_text("50000\n")  # the warm spell ends while nothing runs
+            wait_status(c, lambda s: s["governor"]["state"] == "normal")
+            done = c.call({"prompt": ONCE, "raw": True, "max_tokens": 2})
+            assert done["event"] == "done" and c.status()["engine"]["n_threads"] == 2

@@ -1,0 +1,83 @@
+"""The sampler's shortcuts (argmax at temperature 0, a vectorised top-k feeding the rest of the
+chain) pick exactly the tokens llama.cpp's full chain picks: the real model, in-process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.config import parse_config
+from daemon.engine import Engine
+from daemon.engine.llama import Llama, Sampler, SamplerParams
+
+
+@pytest.fixture(scope="module")
+def llama(gemma_path: Path) -> Iterator[Llama]:
+    # One thread: this checks which tokens are picked, and one thread never waits on a barrier.
+    cfg = parse_config({"engine": {"n_threads": 1, "parallel": 1, "prefix_cache": False}, "model": {"n_ctx": 512}},
+                       "<test>", Path("."))
+    engine = Engine(cfg.model, cfg.engine, gemma_path)
+    engine.load()
+    assert engine._llama is not None
+    yield engine._llama
+    engine.unload()
+
+
+def full_chain(sampler: Sampler, llama: Llama, params: SamplerParams) -> Sampler:
+    """The same request's sampler forced through llama_sampler_sample with llama.cpp's own top-k."""
+    lib = llama._lib
+    sampler._greedy, sampler._top_k = False, 0
+    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    if params.temperature <= 0:
+        parts = [lib.llama_sampler_init_greedy()]
+    else:
+        parts = [lib.llama_sampler_init_top_k(params.top_k), lib.llama_sampler_init_top_p(params.top_p, 1),
+                 lib.llama_sampler_init_min_p(params.min_p, 1), lib.llama_sampler_init_temp(params.temperature),
+                 lib.llama_sampler_init_dist(params.seed)]
+    for part in parts:
+        lib.llama_sampler_chain_add(chain, part)
+    lib.llama_sampler_free(sampler._chain)
+    sampler._chain = chain
+    return sampler
+
+
+def generate(llama: Llama, sampler: Sampler, prompt: bytes, n: int = 32) -> list[int]:
+    llama.seq_rm(0)
+    tokens = llama.tokenize(prompt, add_bos=True, special=False)
+    llama.decode([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+    out, pos, row = [], len(tokens), len(tokens) - 1
+    for _ in range(n):
+        token = sampler.sample(row)
+        out.append(token)
+        llama.decode([(token, pos, 0, True)])
+        pos, row = pos + 1, 0
+    sampler.close()
+    return out
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplerParams(0.0, 40, 0.95, 0.05, 1.0, 1),
+        SamplerParams(0.8, 40, 0.95, 0.05, 1.0, 7),
+        SamplerParams(1.5, 200, 0.99, 0.0, 1.0, 3),  # a flat distribution: the margin must widen
+        SamplerParams(0.7, 5, 0.5, 0.1, 1.0, 11),
+    ],
+)
+def test_shortcuts_pick_the_tokens_of_the_full_chain(llama: Llama, params: SamplerParams) -> None:
+    prompt = b"Once upon a time, there was a little"
+    fast = llama.sampler(params, [])
+    assert fast._greedy or fast._top_k  # the shortcut is really taken
+    reference = full_chain(llama.sampler(params, []), llama, params)
+    assert generate(llama, fast, prompt) == generate(llama, reference, prompt)
+
+
+def test_penalty_or_grammar_use_the_full_chain(llama: Llama) -> None:
+    penalised = llama.sampler(SamplerParams(0.8, 40, 0.95, 0.05, 1.3, 1), [1, 2, 3])
+    grammar = llama.sampler(SamplerParams(0.0, 40, 0.95, 0.05, 1.0, 1, grammar='root ::= "yes" | "no"'), [])
+    assert not (penalised._greedy or penalised._top_k) and not (grammar._greedy or grammar._top_k)
+    answer = llama.piece(generate(llama, grammar, b"Is the sky blue? Answer:", n=1)[0])
+    assert answer in (b"yes", b"no", b"y", b"n", b"ye")
+    penalised.close()
