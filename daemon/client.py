@@ -40,10 +40,15 @@ class Client:
         self._sock.close()
 
     def send(self, obj: dict[str, Any]) -> None:
-        self._sock.sendall(to_json_line(obj))
+        self.send_raw(to_json_line(obj))
 
     def send_raw(self, data: bytes) -> None:
-        self._sock.sendall(data)
+        try:
+            self._sock.sendall(data)
+        except TimeoutError:
+            raise ClientError(f"the daemon took no data within {self._sock.gettimeout()} s") from None
+        except OSError as exc:  # EPIPE, ECONNRESET: it closed the connection
+            raise ClientError(f"connection to the daemon failed: {exc.strerror or exc}") from exc
 
     def _readline(self) -> bytes:
         try:
@@ -57,10 +62,16 @@ class Client:
         line = self._readline()
         if not line:
             raise ClientError("connection closed by the daemon")
+        return self._decode(line)
+
+    @staticmethod
+    def _decode(line: bytes) -> dict[str, Any]:
         try:
-            event: dict[str, Any] = json.loads(line)
+            event = json.loads(line)
         except ValueError as exc:
             raise ClientError(f"the daemon sent something that is not JSON: {line[:80]!r}") from exc
+        if not isinstance(event, dict):
+            raise ClientError(f"the daemon sent something that is not an event: {line[:80]!r}")
         return event
 
     def events(self) -> Iterator[dict[str, Any]]:
@@ -69,7 +80,7 @@ class Client:
             line = self._readline()
             if not line:
                 return
-            yield json.loads(line)
+            yield self._decode(line)
 
     def request(self, obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Send one request and yield its events up to and including the final one."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import structlog
 
 from daemon.protocol import Code, EdgeError, Message, Request
-from daemon.templates import BUILTIN, Rendered, TemplateChoiceError, choose_template
+from daemon.templates import BUILTIN, Rendered, TemplateChoiceError, choose_template, jinja_renderer
 
 if TYPE_CHECKING:
     from daemon.config import EngineConfig, ModelConfig
@@ -224,8 +224,6 @@ class Engine:
     ) -> Callable[[Sequence[Message]], Rendered]:
         if template in BUILTIN:
             return BUILTIN[template]
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         if template == "file":
             try:
                 source = Path(self.model_cfg.chat_template_file).read_text(encoding="utf-8")
@@ -233,25 +231,8 @@ class Engine:
                 raise TemplateChoiceError(f"model.chat_template_file: cannot read: {exc}") from exc
         else:
             source = metadata["tokenizer.chat_template"]
-        eos = _token_text(llm, llm.token_eos())
-        bos = _token_text(llm, llm.token_bos())
-        # Rendered in llama-cpp-python's sandboxed Jinja environment, as its chat handler does.
-        formatter = Jinja2ChatFormatter(template=source, eos_token=eos, bos_token=bos)
-
-        def render(messages: Sequence[Message]) -> Rendered:
-            chat: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-            result = formatter(messages=chat)
-            # The template writes the BOS itself; strip it so the tokenizer's add_bos is the only one.
-            text = result.prompt
-            if bos and text.startswith(bos):
-                text = text[len(bos) :]
-            return Rendered(text, stop=tuple(s for s in (result.stop or []) if isinstance(s, str) and s))
-
-        try:
-            render([Message("user", "test")])
-        except Exception as exc:  # a broken template must fail at load, not on the first request
-            raise TemplateChoiceError(f"the chat template cannot be rendered: {exc}") from exc
-        return render
+        # Sandboxed, and refused at load if it reaches for Python internals (daemon.templates).
+        return jinja_renderer(source, _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos()))
 
     # --- requests --------------------------------------------------------------------------
 

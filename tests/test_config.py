@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +22,6 @@ from daemon.config import (
     load_config,
     parse_config,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -216,7 +211,7 @@ def test_unknown_table_suggests_the_close_one(tmp_path: Path) -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys(tmp_path: Path) -> None:
     path = write(tmp_path, "[queue]\nfrobnicate = 1\n")
-    assert one_error(path) == f"{path}: queue.frobnicate: unknown key (known keys: max_depth)"
+    assert one_error(path) == f"{path}: queue.frobnicate: unknown key (known keys: max_depth, preempt)"
 
 
 def test_source_is_not_a_settable_key(tmp_path: Path) -> None:
