@@ -46,7 +46,7 @@ class Client:
         try:
             self._sock.sendall(data)
         except TimeoutError:
-            raise ClientError(f"the daemon took no data within {self._sock.gettimeout()} s") from None
+            raise ClientError(f"the daemon took no data within {self._timeout_text()}") from None
         except OSError as exc:  # EPIPE, ECONNRESET: it closed the connection
             raise ClientError(f"connection to the daemon failed: {exc.strerror or exc}") from exc
 
@@ -54,9 +54,12 @@ class Client:
         try:
             return self._file.readline()
         except TimeoutError:
-            raise ClientError(f"no answer from the daemon within {self._sock.gettimeout()} s") from None
+            raise ClientError(f"no answer from the daemon within {self._timeout_text()}") from None
         except OSError as exc:
             raise ClientError(f"connection to the daemon failed: {exc.strerror or exc}") from exc
+
+    def _timeout_text(self) -> str:
+        return f"{self._sock.gettimeout() or 0:g} s"
 
     def read_event(self) -> dict[str, Any]:
         line = self._readline()

@@ -225,12 +225,6 @@ def check_model(cfg: Config, env: DoctorEnv) -> Check:
         return Check("model", False, f"cannot read {path}: {exc.strerror or exc}", f"check {path}")
     if head != gguf.MAGIC:
         return Check("model", False, f"{path} is not a GGUF file (starts with {head!r})", "fetch the model again")
-    from daemon.gguf import GgufError, check_model_file
-
-    try:
-        check_model_file(path)
-    except (GgufError, OSError) as exc:
-        return Check("model", False, f"{path}: {exc}", "fetch the model again (`edgellm models fetch`)")
     size = path.stat().st_size
     detail = f"{path} ({size / 1e6:.1f} MB"
     recorded = models.read_recorded_sha256(path)
@@ -241,6 +235,11 @@ def check_model(cfg: Config, env: DoctorEnv) -> Check:
             f"{detail}) but {entry.name} is {entry.size_bytes} bytes: incomplete or replaced",
             f"sudo edgellm models fetch {entry.name}",
         )
+    try:
+        gguf.check_model_file(path)
+    except (gguf.GgufError, OSError) as exc:
+        name = entry.name if entry is not None else ""
+        return Check("model", False, f"{path}: {exc}", f"fetch the model again (`edgellm models fetch {name}`)")
     if recorded is None:
         return Check("model", True, detail + ", no recorded sha256; `edgellm models verify` checks it)")
     if entry is not None and entry.sha256 is not None and recorded != entry.sha256:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import stat
 import tempfile
 import threading
