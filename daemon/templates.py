@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from daemon.protocol import Message
+from daemon.protocol import Code, EdgeError, Message
 
 
 @dataclass(frozen=True)
@@ -204,9 +204,16 @@ def _environment() -> Any:
             parser.stream.skip(1)
             return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            # Jinja returns an Undefined that fails only when used (printing it is silent): fail at once.
+            from jinja2.exceptions import SecurityError
+
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
     # The settings of llama-cpp-python's Jinja2ChatFormatter (and Transformers'), so a template
     # renders the same text here as there.
-    env = ImmutableSandboxedEnvironment(
+    env = Sandbox(
         loader=jinja2.BaseLoader(),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -224,8 +231,12 @@ def _tojson(
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class TemplateRaised(ValueError):
+    """The template called raise_exception(): it refuses these messages."""
+
+
 def _raise_exception(message: str) -> None:
-    raise ValueError(message)
+    raise TemplateRaised(message)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -245,22 +256,29 @@ def jinja_renderer(source: str, bos_text: str, eos_text: str) -> Renderer:
 
     def render(messages: Sequence[Message]) -> Rendered:
         chat = [{"role": m.role, "content": m.content} for m in messages]
-        text = template.render(
-            messages=chat,
-            eos_token=eos_text,
-            bos_token=bos_text,
-            add_generation_prompt=True,
-            raise_exception=_raise_exception,
-            strftime_now=_strftime_now,
-        )
+        try:
+            text = template.render(
+                messages=chat,
+                eos_token=eos_text,
+                bos_token=bos_text,
+                add_generation_prompt=True,
+                raise_exception=_raise_exception,
+                strftime_now=_strftime_now,
+            )
+        except jinja2.exceptions.SecurityError as exc:
+            raise EdgeError(Code.INTERNAL_ERROR, f"the chat template was refused by the sandbox: {exc}") from None
+        except TemplateRaised as exc:  # e.g. "Conversation roles must alternate user/assistant/..."
+            raise EdgeError(Code.INVALID_REQUEST, f"messages: the model's chat template refused them: {exc}") from None
+        except Exception as exc:
+            raise EdgeError(Code.INTERNAL_ERROR, f"the chat template failed: {type(exc).__name__}: {exc}") from None
         if bos_text and text.startswith(bos_text):
             text = text[len(bos_text) :]
         return Rendered(text, stop=(eos_text,) if eos_text else ())
 
     try:
         render([Message("user", "test")])
-    except jinja2.exceptions.SecurityError as exc:
-        raise UnsafeTemplateError(f"the chat template was refused by the sandbox: {exc}") from exc
-    except Exception as exc:  # a broken template must fail at load, not on the first request
-        raise TemplateChoiceError(f"the chat template cannot be rendered: {exc}") from exc
+    except EdgeError as exc:  # a broken template must fail at load, not on the first request
+        if "sandbox" in exc.message:
+            raise UnsafeTemplateError(exc.message) from None
+        raise TemplateChoiceError(f"the chat template cannot be rendered: {exc.message}") from None
     return render
