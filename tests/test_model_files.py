@@ -139,7 +139,8 @@ def test_models_fetch_replacing_a_running_daemons_file(
                 fetched = subprocess.run(
                     [sys.executable, "-m", "daemon", "models", "fetch", "gemma-3-270m", "--dir", str(models),
                      "--url", f"{base_url}/gemma.gguf", "--accept-license"],
-                    capture_output=True, text=True, timeout=300, cwd=str(REPO), env={**os.environ, "EDGELLM_CONFIG": ""},
+                    capture_output=True, text=True, timeout=300, cwd=str(REPO),
+                    env={**os.environ, "EDGELLM_CONFIG": ""},
                 )
             finally:
                 stop.set()
