@@ -9,7 +9,6 @@ warning when it carries a fix, else "skipped": not applicable on this box).
 from __future__ import annotations
 
 import argparse
-import glob
 import grp
 import json
 import os
@@ -35,13 +34,6 @@ if TYPE_CHECKING:
 SERVICE_USER = "edgellm"
 GIB = 1024**3
 MIB = 1024**2
-# Where Raspberry Pi kernels expose the firmware's throttled word without vcgencmd (Pi 4: soc; Pi 5:
-# soc@107c000000). The same bits as `vcgencmd get_throttled`.
-THROTTLED_SYSFS_GLOBS = (
-    "/sys/devices/platform/soc/soc:firmware/get_throttled",
-    "/sys/devices/platform/soc@*/*firmware*/get_throttled",
-    "/sys/devices/platform/*firmware*/get_throttled",
-)
 # CPU flag in /proc/cpuinfo -> the name llama.cpp's system info uses for the same instructions.
 ARM_FEATURES = {"asimd": "NEON", "asimddp": "DOTPROD", "i8mm": "MATMUL_INT8", "sve": "SVE"}
 X86_FEATURES = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512"}
@@ -76,7 +68,7 @@ class DoctorEnv:
 
     proc: Path = Path("/proc")
     thermal_root: Path = Path("/sys/class/thermal")
-    throttled_globs: tuple[str, ...] = THROTTLED_SYSFS_GLOBS
+    throttled_globs: tuple[str, ...] = pi_firmware.SYSFS_GLOBS
     machine: str = field(default_factory=platform.machine)
     llama_system_info: Callable[[], str] | None = _llama_system_info
     connect_timeout_s: float = 2.0
@@ -341,12 +333,12 @@ def check_thermal(cfg: Config, env: DoctorEnv) -> Check:
 
 def _read_throttled(cfg: Config, env: DoctorEnv) -> tuple[int | None, str, str]:
     """(value, where it came from, why it could not be read)."""
-    for pattern in env.throttled_globs:
-        for name in sorted(glob.glob(pattern)):
-            try:
-                return pi_firmware.parse_sysfs(Path(name).read_text()), name, ""
-            except (OSError, ValueError) as exc:
-                return None, name, f"cannot read {name}: {exc}"
+    name = pi_firmware.find_sysfs(env.throttled_globs)
+    if name is not None:
+        try:
+            return pi_firmware.parse_sysfs(Path(name).read_text()), name, ""
+        except (OSError, ValueError) as exc:
+            return None, name, f"cannot read {name}: {exc}"
     try:
         command = shlex.split(cfg.governor.vcgencmd_command)
     except ValueError as exc:  # an unbalanced quote

@@ -9,6 +9,7 @@ prints its `active` names, and `edgellm doctor` judges it. Pure.
 
 from __future__ import annotations
 
+import glob
 import re
 from typing import Any
 
@@ -24,6 +25,14 @@ UNDER_VOLTAGE_SINCE_BOOT = UNDER_VOLTAGE_NOW << OCCURRED_SHIFT
 FREQ_CAPPED_SINCE_BOOT = FREQ_CAPPED_NOW << OCCURRED_SHIFT
 THROTTLED_SINCE_BOOT = THROTTLED_NOW << OCCURRED_SHIFT
 SOFT_TEMP_SINCE_BOOT = SOFT_TEMP_NOW << OCCURRED_SHIFT
+
+# Where Raspberry Pi kernels expose the word without vcgencmd (Pi 4: soc; Pi 5: soc@107c000000): no
+# subprocess, no video group needed. The sensors and `edgellm doctor` look here first.
+SYSFS_GLOBS = (
+    "/sys/devices/platform/soc/soc:firmware/get_throttled",
+    "/sys/devices/platform/soc@*/*firmware*/get_throttled",
+    "/sys/devices/platform/*firmware*/get_throttled",
+)
 
 _VCGENCMD_OUTPUT = re.compile(r"throttled=(0x[0-9a-fA-F]+)")
 
@@ -47,6 +56,14 @@ def parse_sysfs(text: str) -> int:
         return int(stripped, 16)
     except ValueError:
         raise ThrottledParseError(f"not a hex word: {stripped[:40]!r}") from None
+
+
+def find_sysfs(globs: tuple[str, ...] = SYSFS_GLOBS) -> str | None:
+    """The first sysfs get_throttled file present, or None (not a Pi, or an older kernel)."""
+    for pattern in globs:
+        for name in sorted(glob.glob(pattern)):
+            return name
+    return None
 
 
 def active_flags(value: int) -> list[str]:

@@ -14,7 +14,9 @@ Sources:
   `psutil.sensors_temperatures()` restricted to CPU-like sensors. The hottest reading counts.
   Values are millidegrees Celsius as sysfs writes them; a value below 200 in magnitude is taken as
   whole degrees (no SoC runs at 0.2 °C, and tests can write "79").
-- `vcgencmd get_throttled` (`governor.vcgencmd_command`; "" disables; absent binary = not a Pi).
+- the firmware's throttled word (daemon/pi_firmware.py): from sysfs (`.../get_throttled`) when the
+  kernel has it, else `vcgencmd get_throttled` (`governor.vcgencmd_command`); "" disables both;
+  neither present = not a Pi.
 - memory: MemAvailable/MemTotal and swap from psutil, or from `governor.meminfo_file` (a file in
   /proc/meminfo format) when set: that is how a test injects memory readings through the config.
 - PSI `some avg10` from `governor.psi_file` (absent file = kernel without PSI, not an error).
@@ -168,12 +170,20 @@ class SensorReader:
     """`read()` samples every source once and never raises."""
 
     def __init__(
-        self, cfg: GovernorConfig, clock: Clock = time.monotonic, *, thermal_root: Path = THERMAL_ROOT
+        self,
+        cfg: GovernorConfig,
+        clock: Clock = time.monotonic,
+        *,
+        thermal_root: Path = THERMAL_ROOT,
+        throttled_globs: tuple[str, ...] = pi_firmware.SYSFS_GLOBS,
     ) -> None:
         self.cfg = cfg
         self._clock = clock
         self._calls = TimedCalls(clock)
         self._thermal_root = thermal_root
+        self._throttled_globs = throttled_globs
+        self._throttled_file: str | None = None  # the sysfs file, looked for on the first read
+        self._throttled_probed = False
         self._zones: list[Path] | None = None  # auto-detected temp files, found on the first read
         self._psutil_temps_absent = False
         self._vcgencmd: list[str] | None = None  # resolved command, [] when absent or disabled
@@ -241,6 +251,14 @@ class SensorReader:
     # --- firmware --------------------------------------------------------------------------
 
     def _throttled(self, errors: list[str]) -> int | None:
+        if not self.cfg.vcgencmd_command:
+            return None  # "" = do not ask the firmware at all
+        if not self._throttled_probed:
+            self._throttled_probed = True
+            self._throttled_file = pi_firmware.find_sysfs(self._throttled_globs)
+        if self._throttled_file is not None:
+            path = Path(self._throttled_file)
+            return self._timed("throttled", lambda: _read_sysfs_throttled(path), errors)
         if self._vcgencmd is None:
             try:
                 command = shlex.split(self.cfg.vcgencmd_command)
@@ -287,6 +305,13 @@ class SensorReader:
 
 def _read_temperature(path: Path) -> float:
     return parse_temperature(path.read_text())
+
+
+def _read_sysfs_throttled(path: Path) -> int:
+    try:
+        return pi_firmware.parse_sysfs(path.read_text())
+    except pi_firmware.ThrottledParseError as exc:
+        raise SensorError(str(exc)) from None
 
 
 def _run_vcgencmd(command: list[str], timeout: float) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from daemon import doctor, models
+from daemon import doctor, models, pi_firmware
 from daemon.config import Config, parse_config
 from daemon.doctor import Check, DoctorEnv
 
@@ -461,7 +461,7 @@ def test_the_real_command_with_an_unbalanced_quote(tmp_path: Path) -> None:
     )
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stdout.splitlines()[-1].startswith("verdict:")
-    if not any(Path(p).exists() for p in doctor.THROTTLED_SYSFS_GLOBS):
+    if not any(Path(p).exists() for p in pi_firmware.SYSFS_GLOBS):
         assert "cannot be parsed" in result.stdout or "not a Raspberry Pi" in result.stdout
 
 

@@ -249,6 +249,24 @@ def test_no_vcgencmd_means_not_a_pi_and_no_error(tmp_path: Path) -> None:
         assert readings.throttled is None and errors_for(readings, "vcgencmd") == []
 
 
+def test_the_sysfs_word_comes_first_and_needs_no_vcgencmd(tmp_path: Path, vcgencmd: Path) -> None:
+    word = tmp_path / "soc" / "get_throttled"
+    word.parent.mkdir()
+    word.write_text("80008\n")
+    (tmp_path / "vc-mode").write_text("0x50005")
+    globs = (str(tmp_path / "nothing*" / "get_throttled"), str(tmp_path / "so*" / "get_throttled"))
+    reader = SensorReader(config(tmp_path, vcgencmd_command=f"{vcgencmd} get_throttled"), throttled_globs=globs)
+    readings = reader.read()
+    assert readings.throttled == 0x80008 and readings.to_dict()["throttled"]["active"] == [
+        "soft_temperature_limit", "soft_temperature_limit_occurred"
+    ]
+    word.write_text("garbage\n")
+    assert errors_for(reader.read(), "throttled")[0].startswith("throttled: not a hex word")
+    # "" still means: do not ask the firmware at all.
+    off = SensorReader(config(tmp_path, vcgencmd_command=""), throttled_globs=globs).read()
+    assert off.throttled is None and errors_for(off, "throttled") == []
+
+
 def test_an_unparsable_vcgencmd_command_is_an_error_not_an_exception(tmp_path: Path) -> None:
     reader = SensorReader(config(tmp_path, vcgencmd_command='vcgencmd "get_throttled'))
     for _ in range(2):  # on every read, so the failure episode does not look recovered
