@@ -408,6 +408,12 @@ def check_socket_dir(cfg: Config, env: DoctorEnv) -> Check:
             f"{directory} does not exist",
             f"sudo install -d -o {env.service_user} -g {env.service_user} -m 0750 {directory}",
         )
+    from daemon.transports.unix_socket import UnsafeSocketPathError, check_socket_location
+
+    try:
+        check_socket_location(sock)
+    except UnsafeSocketPathError as exc:
+        return Check("socket", False, str(exc), "use a folder only the service can write (e.g. /run/edgellm)")
     if sock.exists():
         if not stat.S_ISSOCK(sock.stat().st_mode):
             return Check("socket", False, f"{sock} exists and is not a socket", f"remove {sock}")

@@ -471,3 +471,15 @@ def test_a_truncated_model_is_a_failed_model_check(tmp_path: Path, pi: FakePi, g
         cut.write_bytes(src.read(gemma_path.stat().st_size // 2))
     check = doctor.check_model(config(tmp_path, model={"path": str(cut)}), pi.env())
     assert check.ok is False and "truncated: the file has" in check.detail and "fetch" in check.fix
+
+
+def test_unsafe_socket_paths_are_a_failed_socket_check(tmp_path: Path, pi: FakePi) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    check = doctor.check_socket_dir(config(tmp_path, socket={"path": str(open_dir / "s.sock")}), pi.env())
+    assert check.ok is False and "world-writable without the sticky bit" in check.detail
+    link = tmp_path / "run" / "link.sock"
+    link.symlink_to(tmp_path / "elsewhere.sock")
+    check = doctor.check_socket_dir(config(tmp_path, socket={"path": str(link)}), pi.env())
+    assert check.ok is False and "is a symlink" in check.detail

@@ -95,6 +95,8 @@ def check_socket_location(path: Path) -> None:
         folder = path.parent.stat()
     except OSError as exc:
         raise UnsafeSocketPathError(f"{path.parent}: cannot check the socket's folder ({exc.strerror or exc})") from exc
+    if not stat.S_ISDIR(folder.st_mode):
+        raise UnsafeSocketPathError(f"{path.parent} is not a folder")
     if folder.st_mode & stat.S_IWOTH and not folder.st_mode & stat.S_ISVTX:
         raise UnsafeSocketPathError(
             f"{path.parent} is world-writable without the sticky bit: anyone could replace the socket; "
@@ -102,7 +104,7 @@ def check_socket_location(path: Path) -> None:
         )
     try:
         st = path.lstat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeSocketPathError(
