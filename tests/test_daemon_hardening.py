@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.helpers import REPO, DaemonProcess, wait_status, write_config
 from tests.test_governor_daemon import governed, meminfo
+from tests.test_service_lifecycle import wait_log
 
 
 def test_a_huge_integer_answers_invalid_request_with_the_id(shared_daemon: DaemonProcess) -> None:
@@ -62,10 +63,7 @@ def test_limits_over_the_socket_and_reloaded_by_sighup(tmp_path: Path, gemma_pat
         # generation.max_tokens is 32 in the test config: the new ceiling stays above it.
         cfg.write_text(cfg.read_text().replace("max_tokens = 64\n", "max_tokens = 40\n", 1))
         d.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while not [e for e in d.log_events() if e.get("event") == "config.reloaded"]:
-            assert time.monotonic() < deadline, d.log()
-            time.sleep(0.05)
+        wait_log(d, "config.reloaded")
         with d.client() as c:
             reply = c.call({"id": "after", "prompt": "hi", "max_tokens": 41})
             assert reply["message"] == "max_tokens: 41 is more than limits.max_tokens (40)"

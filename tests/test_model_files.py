@@ -11,29 +11,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO, DaemonProcess, wait_status, write_config
+from tests.test_service_lifecycle import wait_log
 
 
 def truncated_copy(source: Path, target: Path, fraction: float = 0.5) -> Path:
     with source.open("rb") as f:
         target.write_bytes(f.read(int(source.stat().st_size * fraction)))
     return target
-
-
-def wait_log(daemon: DaemonProcess, event: str, timeout: float = 60.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in daemon.log_events() if e.get("event") == event]
-        if found:
-            return found[-1]
-        assert time.monotonic() < deadline, f"no {event} in:\n{daemon.log()}"
-        time.sleep(0.05)
 
 
 def test_a_truncated_model_is_a_clear_error_at_start(tmp_path: Path, gemma_path: Path) -> None:
@@ -72,7 +62,7 @@ def test_a_replaced_model_on_sighup_is_refused_and_the_old_one_serves(tmp_path: 
         os.replace(tmp_path / "new.gguf", model)
         cfg.write_text(cfg.read_text().replace("n_ctx = 1024", "n_ctx = 768"))
         d.signal(signal.SIGHUP)
-        failed = wait_log(d, "config.reload_model_failed")
+        failed = wait_log(d, "config.reload_model_failed", timeout=60.0)
         assert f"model file {model}: truncated" in str(failed["error"])
         with d.client() as c:
             done = c.call({"id": "still", "prompt": "Once upon a time", "raw": True, "max_tokens": 4})
