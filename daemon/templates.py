@@ -132,6 +132,12 @@ def choose_template(setting: str, architecture: str, gguf_has_template: bool, ha
 # Default Jinja globals a template has no business reaching through: their `__init__.__globals__`
 # is the classic way out of a sandbox. `namespace` and `range` stay (real chat templates use them).
 _FORBIDDEN_GLOBALS = frozenset({"cycler", "joiner", "lipsum", "self"})
+# Attribute names that open a way to frames, code or the class hierarchy without a leading "_" (the
+# names Jinja's sandbox blocks at render time, refused here before it).
+_FORBIDDEN_ATTRIBUTES = frozenset({
+    "mro", "gi_frame", "gi_code", "cr_frame", "cr_code", "ag_frame", "ag_code", "f_globals", "f_locals",
+    "f_back", "f_builtins", "tb_frame", "func_globals", "func_code",
+})
 # Longest template accepted: real ones are a few KB; a huge one is not a chat format.
 MAX_TEMPLATE_CHARS = 256 * 1024
 
@@ -168,11 +174,11 @@ def check_template_safety(source: str) -> None:
 def _unsafe(node: Any) -> str | None:
     from jinja2 import nodes
 
-    if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+    if isinstance(node, nodes.Getattr) and _private(node.attr):
         return f"attribute {node.attr!r}"
     if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
         key = node.arg.value
-        if isinstance(key, str) and key.startswith("_"):
+        if isinstance(key, str) and _private(key):
             return f"item {key!r}"
     if isinstance(node, (nodes.Filter, nodes.Test)) and node.name in ("attr", "map", "selectattr", "rejectattr"):
         names = [a for a in node.args[:2] if isinstance(a, nodes.Const)] + [
@@ -181,7 +187,7 @@ def _unsafe(node: Any) -> str | None:
         if node.name == "attr" and (not node.args or not isinstance(node.args[0], nodes.Const)):
             return "|attr with a computed name"
         for const in names:
-            if isinstance(const.value, str) and const.value.startswith("_"):
+            if isinstance(const.value, str) and _private(const.value):
                 return f"|{node.name}({const.value!r})"
         if node.name == "map" and any(kw.key == "attribute" and not isinstance(kw.value, nodes.Const)
                                       for kw in node.kwargs):
@@ -189,6 +195,10 @@ def _unsafe(node: Any) -> str | None:
     if isinstance(node, nodes.Name) and node.name in _FORBIDDEN_GLOBALS:
         return f"the global {node.name!r}"
     return None
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") or name in _FORBIDDEN_ATTRIBUTES
 
 
 def _environment() -> Any:

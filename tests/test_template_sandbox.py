@@ -39,6 +39,9 @@ ATTACKS = {
     ),
     "map_attribute": "{{ messages|map(attribute='__class__')|list }}",
     "request_globals": "{{ request.application.__globals__ }}",
+    "dict_mro": "{{ dict.mro()[1].__subclasses__() }}",
+    "mro_only": "{{ dict.mro() }}",
+    "generator_frame": "{{ (messages|map('lower')).gi_frame }}",
 }
 
 
