@@ -225,6 +225,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         except ClientError as exc:
             _err(str(exc))
             return EXIT_ERROR
+    if status.get("event") == "error":  # e.g. `forbidden`: this user is not in socket.allowed_uids
+        _err(f"error [{status.get('code')}]: {status.get('message')}")
+        return EXIT_ERROR
     if status.get("event") != "status":
         _err(f"the daemon answered with something other than a status: {json.dumps(status)[:200]}")
         return EXIT_ERROR

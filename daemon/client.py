@@ -47,7 +47,11 @@ class Client:
             self._sock.sendall(data)
         except TimeoutError:
             raise ClientError(f"the daemon took no data within {self._timeout_text()}") from None
-        except OSError as exc:  # EPIPE, ECONNRESET: it closed the connection
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon closed the connection: what it said before (e.g. `forbidden`) is still to be
+            # read, and the next read reports it, or the close.
+            pass
+        except OSError as exc:
             raise ClientError(f"connection to the daemon failed: {exc.strerror or exc}") from exc
 
     def _readline(self) -> bytes:

@@ -59,6 +59,12 @@ def answer_garbage(conn: socket.socket) -> None:
     conn.sendall(b"this is not json\n")
 
 
+def refuse(conn: socket.socket) -> None:  # what a daemon says to a peer not in socket.allowed_uids
+    conn.sendall(b'{"id":null,"event":"error","code":"forbidden","message":"uid 1000 (gid 1000) may not use '
+                 b'this socket (socket.allowed_uids / allowed_gids)"}\n')
+    conn.close()
+
+
 def answer_an_array(conn: socket.socket) -> None:
     conn.recv(1024)
     conn.sendall(b"[1, 2]\n")
@@ -91,6 +97,7 @@ def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[st
         (read_then_close, "connection closed by the daemon"),
         (answer_garbage, "not JSON"),
         (answer_an_array, "not an event"),
+        (refuse, "error [forbidden]: uid 1000 (gid 1000) may not use this socket"),
     ],
 )
 def test_status_against_a_daemon_that_closes_or_talks_nonsense(
