@@ -9,10 +9,12 @@ header costs an error, never a huge allocation or an endless loop. Only the file
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -26,6 +28,7 @@ MAX_STRING_BYTES = 64 * 1024 * 1024
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 # ggml type id -> (elements per block, bytes per block), as ggml defines them; a type missing here
 # (newer than this table) only means the file's completeness is not checked.
@@ -94,8 +97,12 @@ def read_header(path: Path, *, tensors: bool = True) -> GgufHeader:
     """Parse a GGUF (v2/v3) header. Raises GgufError (bad or truncated header) or OSError."""
     path = Path(path)
     with path.open("rb") as f:
-        size = path.stat().st_size
-        return _Reader(f, size).header(tensors)
+        size = os.fstat(f.fileno()).st_size
+        if size < len(MAGIC):
+            raise GgufError(f"not a GGUF file (it has {size} bytes)")
+        # Mapped, not read: a 262k-token vocabulary is 262k small strings, parsed in place.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _Reader(data, size).header(tensors)
 
 
 def check_model_file(path: Path) -> GgufHeader:
@@ -114,24 +121,47 @@ def check_model_file(path: Path) -> GgufHeader:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO, size: int) -> None:
-        self.f = f
+    def __init__(self, data: mmap.mmap, size: int) -> None:
+        self.data = data
         self.size = size
+        self.pos = 0
 
     def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
+        if n > self.size - self.pos:
             raise GgufError(f"truncated header: the file ends at byte {self.size}")
-        return data
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
 
     def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+        width = struct.calcsize(fmt)
+        if width > self.size - self.pos:
+            raise GgufError(f"truncated header: the file ends at byte {self.size}")
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += width
+        return value
 
     def remaining(self) -> int:
-        return self.size - self.f.tell()
+        return self.size - self.pos
+
+    def skip_strings(self, n: int) -> None:
+        unpack, data, pos, end = _U64.unpack_from, self.data, self.pos, self.size - 8
+        for _ in range(n):
+            if pos > end:
+                raise GgufError(f"truncated header: the file ends at byte {self.size}")
+            pos += 8 + unpack(data, pos)[0]
+        if pos > self.size:
+            raise GgufError(f"truncated header: the file ends at byte {self.size}")
+        self.pos = pos
+
+    def skip(self, n: int) -> None:
+        if n > self.remaining():
+            raise GgufError(f"truncated header: the file ends at byte {self.size}")
+        self.pos += n
 
     def header(self, with_tensors: bool) -> GgufHeader:
-        head = self.f.read(4)
+        head = bytes(self.data[:4])
+        self.pos = 4
         if head != MAGIC:
             raise GgufError(f"not a GGUF file (it starts with {head!r}, not {MAGIC!r})")
         version = self.unpack("<I")
@@ -152,14 +182,14 @@ class _Reader:
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise GgufError(f"corrupt GGUF header: general.alignment {alignment!r}")
-        position = self.f.tell()
+        position = self.pos
         data_offset = -(-position // alignment) * alignment if with_tensors else position
         return GgufHeader(version, metadata, tuple(infos), data_offset, self.size)
 
     def string(self) -> str:
         length = self.unpack("<Q")
         if length > min(MAX_STRING_BYTES, self.remaining()):
-            raise GgufError(f"corrupt GGUF header: a string of {length} bytes at byte {self.f.tell()}")
+            raise GgufError(f"corrupt GGUF header: a string of {length} bytes at byte {self.pos}")
         return self.read(length).decode("utf-8", errors="replace")
 
     def value(self, kind: int) -> Any:
@@ -169,22 +199,25 @@ class _Reader:
             item_kind = self.unpack("<I")
             n = self.unpack("<Q")
             if n > self.remaining():  # every item takes at least one byte
-                raise GgufError(f"corrupt GGUF header: an array of {n} items at byte {self.f.tell()}")
+                raise GgufError(f"corrupt GGUF header: an array of {n} items at byte {self.pos}")
             if item_kind in _SCALARS:
                 fmt = _SCALARS[item_kind]
                 width = struct.calcsize(fmt)
                 if n > MAX_KEPT_ARRAY:
                     if n * width > self.remaining():
                         raise GgufError(f"truncated header: an array of {n} items does not fit the file")
-                    self.f.seek(n * width, 1)
+                    self.skip(n * width)
                     return ArrayInfo(n)
                 return list(struct.unpack(f"<{n}{fmt[1]}", self.read(n * width)))
             if item_kind not in (_STRING, _ARRAY):
                 raise GgufError(f"corrupt GGUF header: unknown array item type {item_kind}")
+            if item_kind == _STRING and n > MAX_KEPT_ARRAY:
+                self.skip_strings(n)  # the vocabulary: only where it ends matters
+                return ArrayInfo(n)
             items = [self.value(item_kind) for _ in range(n)]
             return ArrayInfo(n) if n > MAX_KEPT_ARRAY else items
         if kind not in _SCALARS:
-            raise GgufError(f"corrupt GGUF header: unknown value type {kind} at byte {self.f.tell() - 4}")
+            raise GgufError(f"corrupt GGUF header: unknown value type {kind} at byte {self.pos - 4}")
         return self.unpack(_SCALARS[kind])
 
     def tensor_info(self) -> TensorInfo:
