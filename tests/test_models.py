@@ -54,6 +54,7 @@ def _tiny_gguf() -> bytes:
 
 
 PAYLOAD = _tiny_gguf()
+SIZE = len(PAYLOAD)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
@@ -339,7 +340,7 @@ def test_interrupted_download_resumes_with_range_in_the_same_fetch(server: FileS
 def test_interrupted_download_keeps_the_part_and_a_later_fetch_resumes(server: FileServer, tmp_path: Path) -> None:
     cut = 2_000_000
     server.routes["/tiny.gguf"] = Behaviour(drop_after=cut)
-    with pytest.raises(DownloadInterrupted, match=r"after 2000000 of 3670020 bytes.*tiny\.gguf\.part is kept"):
+    with pytest.raises(DownloadInterrupted, match=rf"after 2000000 of {SIZE} bytes.*tiny\.gguf\.part is kept"):
         fetch_fast(tiny_entry(server), tmp_path, retries=0)
     assert (tmp_path / "tiny.gguf.part").stat().st_size == cut
     assert not (tmp_path / "tiny.gguf").exists()
@@ -367,7 +368,7 @@ def test_server_ignoring_range_restarts_cleanly(server: FileServer, tmp_path: Pa
 
 def test_announced_wrong_size_is_refused_before_downloading(server: FileServer, tmp_path: Path) -> None:
     server.routes["/tiny.gguf"] = Behaviour(body=PAYLOAD + b"extra")
-    with pytest.raises(ModelRejected, match=r"serves 3670025 bytes but tiny is 3670020 bytes"):
+    with pytest.raises(ModelRejected, match=rf"serves {SIZE + 5} bytes but tiny is {SIZE} bytes"):
         fetch_fast(tiny_entry(server), tmp_path)
     assert list(tmp_path.iterdir()) == []  # not a byte written
 
@@ -375,7 +376,7 @@ def test_announced_wrong_size_is_refused_before_downloading(server: FileServer, 
 def test_wrong_size_found_after_download_is_moved_aside(server: FileServer, tmp_path: Path) -> None:
     short = PAYLOAD[:-10]
     server.routes["/tiny.gguf"] = Behaviour(body=short, no_length=True)  # no Content-Length to check first
-    with pytest.raises(ModelRejected, match=r"downloaded 3670010 bytes but tiny is 3670020 bytes") as info:
+    with pytest.raises(ModelRejected, match=rf"downloaded {SIZE - 10} bytes but tiny is {SIZE} bytes") as info:
         fetch_fast(tiny_entry(server), tmp_path)
     assert info.value.rejected_path == tmp_path / "tiny.gguf.rejected"
     assert (tmp_path / "tiny.gguf.rejected").read_bytes() == short
