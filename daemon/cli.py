@@ -14,6 +14,8 @@ from daemon import __version__
 EXIT_OK = 0
 EXIT_ERROR = 1  # the daemon answered with an error, or could not be reached
 EXIT_USAGE = 2  # bad arguments or an invalid config
+# A daemon that does not answer `status` within this long is stuck: say so rather than hang.
+STATUS_TIMEOUT_S = 10.0
 
 
 def _out(text: str = "") -> None:
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the running daemon's state")
     p.add_argument("--json", action="store_true", help="print the raw status JSON")
-    _socket_args(p, config_help)
+    _socket_args(p, config_help, default_timeout=f"{STATUS_TIMEOUT_S:g}")
 
     p = sub.add_parser("check-config", help="validate a config file and print each error with its key")
     p.add_argument("path", type=Path, nargs="?", help="the file (default: $EDGELLM_CONFIG)")
@@ -92,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _socket_args(p: argparse.ArgumentParser, config_help: str) -> None:
+def _socket_args(p: argparse.ArgumentParser, config_help: str, default_timeout: str = "wait forever") -> None:
     p.add_argument("--socket", type=Path, help="daemon socket (default: $EDGELLM_SOCKET, else from the config)")
     p.add_argument("--config", type=Path, help=config_help)
     p.add_argument(
         "--timeout", type=float, default=None,
-        help="give up when the daemon sends nothing for this many seconds (default: wait forever)",
+        help=f"give up when the daemon sends nothing for this many seconds (default: {default_timeout})",
     )
 
 
@@ -213,8 +215,22 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from daemon.client import ClientError
+
+    if args.timeout is None:
+        args.timeout = STATUS_TIMEOUT_S
     with _connect(args) as client:
-        status = client.status()
+        try:
+            status = client.status()
+        except ClientError as exc:
+            _err(str(exc))
+            return EXIT_ERROR
+    if status.get("event") == "error":  # e.g. `forbidden`: this user is not in socket.allowed_uids
+        _err(f"error [{status.get('code')}]: {status.get('message')}")
+        return EXIT_ERROR
+    if status.get("event") != "status":
+        _err(f"the daemon answered with something other than a status: {json.dumps(status)[:200]}")
+        return EXIT_ERROR
     status.pop("event", None)
     if args.json:
         _out(json.dumps(status, indent=2, ensure_ascii=False))
@@ -256,7 +272,8 @@ def format_status(status: dict[str, Any]) -> str:
             rows.append(("memory", f"{avail:.0f} MB available"
                          + (f", PSI some {readings['psi_some_avg10']:.1f}%" if readings.get("psi_some_avg10")
                             is not None else "")))
-        for flag in readings.get("throttled_flags") or []:
+        throttled = readings.get("throttled") or {}  # daemon.pi_firmware.decode_throttled
+        for flag in throttled.get("active") or []:
             rows.append(("firmware", str(flag)))
         for error in readings.get("errors") or []:
             rows.append(("sensor error", str(error)))

@@ -40,27 +40,45 @@ class Client:
         self._sock.close()
 
     def send(self, obj: dict[str, Any]) -> None:
-        self._sock.sendall(to_json_line(obj))
+        self.send_raw(to_json_line(obj))
 
     def send_raw(self, data: bytes) -> None:
-        self._sock.sendall(data)
+        try:
+            self._sock.sendall(data)
+        except TimeoutError:
+            raise ClientError(f"the daemon took no data within {self._timeout_text()}") from None
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon closed the connection: what it said before (e.g. `forbidden`) is still to be
+            # read, and the next read reports it, or the close.
+            pass
+        except OSError as exc:
+            raise ClientError(f"connection to the daemon failed: {exc.strerror or exc}") from exc
 
     def _readline(self) -> bytes:
         try:
             return self._file.readline()
         except TimeoutError:
-            raise ClientError(f"no answer from the daemon within {self._sock.gettimeout()} s") from None
+            raise ClientError(f"no answer from the daemon within {self._timeout_text()}") from None
         except OSError as exc:
             raise ClientError(f"connection to the daemon failed: {exc.strerror or exc}") from exc
+
+    def _timeout_text(self) -> str:
+        return f"{self._sock.gettimeout() or 0:g} s"
 
     def read_event(self) -> dict[str, Any]:
         line = self._readline()
         if not line:
             raise ClientError("connection closed by the daemon")
+        return self._decode(line)
+
+    @staticmethod
+    def _decode(line: bytes) -> dict[str, Any]:
         try:
-            event: dict[str, Any] = json.loads(line)
+            event = json.loads(line)
         except ValueError as exc:
             raise ClientError(f"the daemon sent something that is not JSON: {line[:80]!r}") from exc
+        if not isinstance(event, dict):
+            raise ClientError(f"the daemon sent something that is not an event: {line[:80]!r}")
         return event
 
     def events(self) -> Iterator[dict[str, Any]]:
@@ -69,7 +87,7 @@ class Client:
             line = self._readline()
             if not line:
                 return
-            yield json.loads(line)
+            yield self._decode(line)
 
     def request(self, obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Send one request and yield its events up to and including the final one."""

@@ -10,7 +10,7 @@ its TOML type, `dataclasses.field(metadata=...)` gives its constraints:
     internal   not a TOML key (e.g. `Config.source`)
 
 Supported annotations: bool, int, float (an integer is accepted), str, Path, list[str],
-tuple[str, ...] and nested dataclasses (TOML sub-tables such as `[mqtt.tls]`). No unions: TOML has
+tuple[str, ...], tuple[int, ...] and nested dataclasses (TOML sub-tables such as `[mqtt.tls]`). No unions: TOML has
 no null, so "unset" is an empty string or 0, documented per key. Adding a key = adding a field here
 and documenting it in the repo's `config.toml` (a test enforces that).
 
@@ -26,29 +26,28 @@ import json
 import math
 import os
 import re
-import sys
+import tomllib
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python < 3.11 only
-    import tomli as tomllib
+from daemon.protocol import Limits
+from daemon.templates import TEMPLATE_SETTINGS
 
 ENV_VAR = "EDGELLM_CONFIG"
 DEFAULTS_SOURCE = "<defaults>"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
-TEMPLATES = ("auto", "gguf", "gemma3", "olmo2", "chatml")
 KV_TYPES = ("f16", "q8_0", "q4_0")
 MQTT_PROTOCOLS = ("5", "3.1.1")
 MQTT_TRANSPORTS = ("tcp", "unix")
 
 MAX_UINT32 = 2**32 - 1
+# A value is quoted in a config error up to this many characters.
+MAX_QUOTED_CHARS = 60
 
 
 class ConfigError(Exception):
@@ -104,7 +103,7 @@ class ModelConfig:
     path: str = field(default="", metadata=_meta(path=True))
     name: str = ""
     n_ctx: int = field(default=2048, metadata=_meta(min=128, max=131072))
-    template: str = field(default="auto", metadata=_meta(choices=TEMPLATES))
+    template: str = field(default="auto", metadata=_meta(choices=TEMPLATE_SETTINGS))
     chat_template_file: str = field(default="", metadata=_meta(path=True))
     # Accepting a model's license terms (Gemma) lets `edgellm models fetch` download it unattended.
     accept_license: bool = False
@@ -135,6 +134,10 @@ class SocketConfig:
     max_request_bytes: int = field(default=262144, metadata=_meta(min=1024, max=64 * 1024 * 1024))
     max_connections: int = field(default=256, metadata=_meta(min=1, max=65536))
     max_write_buffer_bytes: int = field(default=1048576, metadata=_meta(min=4096, max=1024 * 1024 * 1024))
+    # Who may talk to the daemon, by SO_PEERCRED: () = anyone who can open the socket file. Root
+    # and the daemon's own user are always let in (they can read its memory anyway).
+    allowed_uids: tuple[int, ...] = field(default=(), metadata=_meta(min=0, max=MAX_UINT32))
+    allowed_gids: tuple[int, ...] = field(default=(), metadata=_meta(min=0, max=MAX_UINT32))
 
     @property
     def mode_int(self) -> int:
@@ -229,7 +232,7 @@ class MqttConfig:
 @dataclass(frozen=True)
 class GovernorConfig:
     # Owned by the governor (daemon/governor.py, daemon/sensors.py): its keys are added here.
-    # Rules between these keys are in daemon.governor.validate_config; docs/governor.md explains them.
+    # Rules between these keys are in validate_governor_config below; docs/governor.md explains them.
     enabled: bool = True
     interval_s: float = field(default=1.0, metadata=_meta(min=0.05, max=60.0))
     # sensors
@@ -279,6 +282,8 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
+    # Per-request resource limits; the class (with its bounds) lives in daemon.protocol, which enforces them.
+    limits: Limits = field(default_factory=Limits)
     source: str = field(default=DEFAULTS_SOURCE, metadata={"internal": True})  # file path or "<defaults>"
 
 
@@ -363,7 +368,8 @@ def _parse_table(cls: type[Any], data: dict[str, Any], prefix: str, ctx: _Contex
         dotted = prefix + key
         spec = known.get(key)
         if spec is None:
-            ctx.error(dotted, _unknown_key(key, list(known)))
+            shown = dotted if len(dotted) <= MAX_QUOTED_CHARS else dotted[:MAX_QUOTED_CHARS] + "…"
+            ctx.error(shown, _unknown_key(key, list(known)))
             continue
         hint = hints[key]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
@@ -394,24 +400,7 @@ def _convert(hint: Any, value: Any, meta: Any, key: str, ctx: _Context) -> tuple
             return False, None
         return True, value
     if hint is int or hint is float:
-        # bool is a subclass of int: `true` is not a number.
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if not (is_int or (hint is float and isinstance(value, float))):
-            kind = "an integer" if hint is int else "a number"
-            ctx.error(key, f"must be {kind} (got {_describe(value)})")
-            return False, None
-        number = float(value) if hint is float else value
-        if hint is float and not math.isfinite(number):
-            ctx.error(key, f"must be a finite number (got {value})")
-            return False, None
-        low, high = meta.get("min"), meta.get("max")
-        if low is not None and number < low:
-            ctx.error(key, f"must be >= {_num(low)} (got {_num(value)})")
-            return False, None
-        if high is not None and number > high:
-            ctx.error(key, f"must be <= {_num(high)} (got {_num(value)})")
-            return False, None
-        return True, number
+        return _convert_number(hint, value, meta, key, ctx)
     if hint is str or hint is Path:
         if not isinstance(value, str):
             allowed = f"; one of {_choices(choices)}" if choices else ""
@@ -422,6 +411,9 @@ def _convert(hint: Any, value: Any, meta: Any, key: str, ctx: _Context) -> tuple
             return False, None
         if hint is Path and value == "":
             ctx.error(key, "must not be empty")
+            return False, None
+        if meta.get("path") and "\0" in value:
+            ctx.error(key, f"must not contain a NUL character (got {_show(value)})")
             return False, None
         check = meta.get("check")
         problem = check(value) if check is not None else None
@@ -442,11 +434,53 @@ def _convert(hint: Any, value: Any, meta: Any, key: str, ctx: _Context) -> tuple
                 return False, None
             items.append(ctx.resolve(item) if meta.get("path") else item)
         return True, tuple(items) if origin is tuple else items
+    if origin is tuple and typing.get_args(hint) == (int, ...):
+        if not isinstance(value, list):
+            ctx.error(key, f"must be an array of integers (got {_describe(value)})")
+            return False, None
+        numbers: list[int] = []
+        for index, item in enumerate(value):
+            ok, number = _convert_number(int, item, meta, f"{key}[{index}]", ctx)
+            if not ok:
+                return False, None
+            numbers.append(number)
+        return True, tuple(numbers)
     raise TypeError(f"config key {key}: unsupported annotation {hint!r}")
+
+
+def _convert_number(hint: Any, value: Any, meta: Any, key: str, ctx: _Context) -> tuple[bool, Any]:
+    # bool is a subclass of int: `true` is not a number.
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not (is_int or (hint is float and isinstance(value, float))):
+        kind = "an integer" if hint is int else "a number"
+        ctx.error(key, f"must be {kind} (got {_describe(value)})")
+        return False, None
+    if isinstance(value, float) and not math.isfinite(value):
+        ctx.error(key, f"must be a finite number (got {value})")
+        return False, None
+    # Bounds first, on the value as written: an integer of 400 digits has no float (OverflowError).
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and value < low:
+        ctx.error(key, f"must be >= {_num(low)} (got {_num(value)})")
+        return False, None
+    if high is not None and value > high:
+        ctx.error(key, f"must be <= {_num(high)} (got {_num(value)})")
+        return False, None
+    try:
+        return True, float(value) if hint is float else value
+    except OverflowError:  # unbounded float key
+        ctx.error(key, f"must be a finite number (got {_num(value)})")
+        return False, None
 
 
 def _cross_checks(cfg: Config, ctx: _Context) -> Config:
     """Rules between keys. Values that failed on their own were left at their defaults here."""
+    if cfg.generation.max_tokens > cfg.limits.max_tokens:
+        ctx.error(
+            "generation.max_tokens",
+            f"must be <= limits.max_tokens, or requests that leave it out are refused "
+            f"(got {cfg.generation.max_tokens} > {cfg.limits.max_tokens})",
+        )
     if cfg.generation.max_tokens >= cfg.model.n_ctx:
         ctx.error(
             "generation.max_tokens",
@@ -473,20 +507,54 @@ def _cross_checks(cfg: Config, ctx: _Context) -> Config:
             cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(mqtt, host=ctx.resolve(mqtt.host)))
     elif not mqtt.host:
         ctx.error("mqtt.host", "must not be empty")
-    # The governor owns the rules between its own keys; imported here (not at the top) because
-    # daemon.governor imports this module's types.
-    from daemon.governor import validate_config as governor_rules
-
-    for key, message in governor_rules(cfg.governor):
+    for key, message in validate_governor_config(cfg.governor):
         ctx.error(key, message)
     return cfg
+
+
+def validate_governor_config(cfg: GovernorConfig) -> list[tuple[str, str]]:
+    """Rules between [governor] keys that per-key ranges cannot express, as (dotted key, message)
+    pairs. Here, not in daemon.governor, so that both this loader and the governor (which refuses a
+    config that breaks them) use them without importing each other."""
+    errors: list[tuple[str, str]] = []
+
+    def fail(key: str, message: str) -> None:
+        errors.append((f"governor.{key}", message))
+
+    if not cfg.warm_c < cfg.hot_c < cfg.critical_c:
+        fail("warm_c", f"must hold warm_c < hot_c < critical_c (got {cfg.warm_c:g}, {cfg.hot_c:g}, {cfg.critical_c:g})")
+    if not cfg.warm_c <= cfg.target_c < cfg.hot_c:
+        fail(
+            "target_c",
+            f"must be >= governor.warm_c and < governor.hot_c "
+            f"(got {cfg.target_c:g}; warm {cfg.warm_c:g}, hot {cfg.hot_c:g})",
+        )
+    if cfg.critical_available_mb >= cfg.min_available_mb:
+        fail(
+            "critical_available_mb",
+            f"must be < governor.min_available_mb (got {cfg.critical_available_mb} >= {cfg.min_available_mb})",
+        )
+    if cfg.memory_reserve_mb < cfg.min_available_mb:
+        fail(
+            "memory_reserve_mb",
+            "must be >= governor.min_available_mb, or a freshly loaded model leaves memory low at once "
+            f"(got {cfg.memory_reserve_mb} < {cfg.min_available_mb})",
+        )
+    if cfg.psi_hysteresis >= cfg.psi_some_limit:
+        fail(
+            "psi_hysteresis",
+            f"must be < governor.psi_some_limit (got {cfg.psi_hysteresis:g} >= {cfg.psi_some_limit:g})",
+        )
+    if cfg.blind_duty < cfg.min_duty:
+        fail("blind_duty", f"must be >= governor.min_duty (got {cfg.blind_duty:g} < {cfg.min_duty:g})")
+    return errors
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"boolean {'true' if value else 'false'}"
     if isinstance(value, int):
-        return f"integer {value}"
+        return f"integer {_num(value)}"
     if isinstance(value, float):
         return f"float {value}"
     if isinstance(value, str):
@@ -499,6 +567,8 @@ def _describe(value: Any) -> str:
 
 
 def _show(value: str) -> str:
+    if len(value) > MAX_QUOTED_CHARS:
+        return json.dumps(value[:MAX_QUOTED_CHARS], ensure_ascii=False)[:-1] + f'…" ({len(value)} characters)'
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -507,7 +577,11 @@ def _choices(choices: tuple[str, ...]) -> str:
 
 
 def _num(value: float) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return str(value)
 
 
 # --- output --------------------------------------------------------------------------------------

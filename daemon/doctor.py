@@ -9,7 +9,6 @@ warning when it carries a fix, else "skipped": not applicable on this box).
 from __future__ import annotations
 
 import argparse
-import glob
 import grp
 import json
 import os
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon import models
+from daemon import gguf, models, pi_firmware
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -35,16 +34,6 @@ if TYPE_CHECKING:
 SERVICE_USER = "edgellm"
 GIB = 1024**3
 MIB = 1024**2
-# Where Raspberry Pi kernels expose the firmware's throttled word without vcgencmd (Pi 4: soc; Pi 5:
-# soc@107c000000). The same bits as `vcgencmd get_throttled`.
-THROTTLED_SYSFS_GLOBS = (
-    "/sys/devices/platform/soc/soc:firmware/get_throttled",
-    "/sys/devices/platform/soc@*/*firmware*/get_throttled",
-    "/sys/devices/platform/*firmware*/get_throttled",
-)
-UNDER_VOLTAGE_NOW, FREQ_CAPPED_NOW, THROTTLED_NOW, SOFT_TEMP_NOW = 0x1, 0x2, 0x4, 0x8
-UNDER_VOLTAGE_SINCE_BOOT = 0x10000
-THROTTLED_SINCE_BOOT = 0x40000
 # CPU flag in /proc/cpuinfo -> the name llama.cpp's system info uses for the same instructions.
 ARM_FEATURES = {"asimd": "NEON", "asimddp": "DOTPROD", "i8mm": "MATMUL_INT8", "sve": "SVE"}
 X86_FEATURES = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512"}
@@ -79,7 +68,7 @@ class DoctorEnv:
 
     proc: Path = Path("/proc")
     thermal_root: Path = Path("/sys/class/thermal")
-    throttled_globs: tuple[str, ...] = THROTTLED_SYSFS_GLOBS
+    throttled_globs: tuple[str, ...] = pi_firmware.SYSFS_GLOBS
     machine: str = field(default_factory=platform.machine)
     llama_system_info: Callable[[], str] | None = _llama_system_info
     connect_timeout_s: float = 2.0
@@ -90,19 +79,29 @@ class DoctorEnv:
 
 
 def run_checks(cfg: Config, env: DoctorEnv | None = None) -> list[Check]:
-    """All checks except config loading (see `doctor()`), in the order an admin fixes things."""
+    """All checks except config loading (see `doctor()`), in the order an admin fixes things.
+    A check that raises anyway (a bug, or a value nobody foresaw) becomes its own FAIL line."""
     env = env or DoctorEnv()
-    return [
-        check_config_consistency(cfg),
-        check_model(cfg, env),
-        check_memory(cfg, env),
-        check_thermal(cfg, env),
-        check_power(cfg, env),
-        check_socket_dir(cfg, env),
-        check_state_dir(cfg, env),
-        check_broker(cfg, env),
-        check_cpu_features(env),
+    checks: list[tuple[str, Callable[[], Check]]] = [
+        ("settings", lambda: check_config_consistency(cfg)),
+        ("model", lambda: check_model(cfg, env)),
+        ("memory", lambda: check_memory(cfg, env)),
+        ("thermal", lambda: check_thermal(cfg, env)),
+        ("power", lambda: check_power(cfg, env)),
+        ("socket", lambda: check_socket_dir(cfg, env)),
+        ("state dir", lambda: check_state_dir(cfg, env)),
+        ("broker", lambda: check_broker(cfg, env)),
+        ("cpu", lambda: check_cpu_features(env)),
     ]
+    return [_guarded(name, check) for name, check in checks]
+
+
+def _guarded(name: str, check: Callable[[], Check]) -> Check:
+    try:
+        return check()
+    except Exception as exc:
+        return Check(name, False, f"the check itself failed: {type(exc).__name__}: {str(exc)[:200]}",
+                     "report this as a bug in edgellm doctor, with the config value it names")
 
 
 def doctor(config_path: Path | None, env: DoctorEnv | None = None) -> list[Check]:
@@ -216,7 +215,7 @@ def check_model(cfg: Config, env: DoctorEnv) -> Check:
             head = f.read(4)
     except OSError as exc:
         return Check("model", False, f"cannot read {path}: {exc.strerror or exc}", f"check {path}")
-    if head != models.GGUF_MAGIC:
+    if head != gguf.MAGIC:
         return Check("model", False, f"{path} is not a GGUF file (starts with {head!r})", "fetch the model again")
     size = path.stat().st_size
     detail = f"{path} ({size / 1e6:.1f} MB"
@@ -228,6 +227,11 @@ def check_model(cfg: Config, env: DoctorEnv) -> Check:
             f"{detail}) but {entry.name} is {entry.size_bytes} bytes: incomplete or replaced",
             f"sudo edgellm models fetch {entry.name}",
         )
+    try:
+        gguf.check_model_file(path)
+    except (gguf.GgufError, OSError) as exc:
+        name = entry.name if entry is not None else ""
+        return Check("model", False, f"{path}: {exc}", f"fetch the model again (`edgellm models fetch {name}`)")
     if recorded is None:
         return Check("model", True, detail + ", no recorded sha256; `edgellm models verify` checks it)")
     if entry is not None and entry.sha256 is not None and recorded != entry.sha256:
@@ -241,19 +245,23 @@ def check_model(cfg: Config, env: DoctorEnv) -> Check:
 
 
 def check_memory(cfg: Config, env: DoctorEnv) -> Check:
-    from daemon.sensors import context_memory_estimate_bytes, parse_meminfo
+    from daemon.gguf import GgufError
+    from daemon.memory_plan import fits, plan_for_catalog, plan_for_file
+    from daemon.sensors import parse_meminfo
 
     try:
         path = models.model_file_path(cfg.model, cfg.state_dir)
     except models.ModelError:
         return Check("memory", None, "no model to size")
     entry = _entry_for(cfg)
+    kv_type = cfg.engine.kv_type
     if path.is_file():
-        weights = path.stat().st_size
-        context = context_memory_estimate_bytes(path, cfg.model.n_ctx, cfg.engine.n_batch)
+        try:
+            memory = plan_for_file(path, cfg.model.n_ctx, cfg.engine.n_batch, kv_type)
+        except (GgufError, OSError) as exc:
+            return Check("memory", None, f"cannot size {path}: {exc}", "see the model check above")
     elif entry is not None and entry.size_bytes is not None:
-        weights = entry.size_bytes
-        context = (entry.kv_bytes_per_token or 0) * cfg.model.n_ctx
+        memory = plan_for_catalog(entry.size_bytes, entry.kv_bytes_per_token or 0, cfg.model.n_ctx, kv_type)
     else:
         return Check("memory", None, "model not present: cannot size it")
     meminfo_file = Path(cfg.governor.meminfo_file) if cfg.governor.meminfo_file else env.proc / "meminfo"
@@ -264,22 +272,22 @@ def check_memory(cfg: Config, env: DoctorEnv) -> Check:
     available = int(available_mb * MIB)
     total = int((total_mb or 0) * MIB)
     reserve = cfg.governor.memory_reserve_mb * MIB
-    needed = weights + context
+    needed = memory.total_bytes
     arm_note = ""
     if _is_arm(env.machine) and cfg.engine.use_mmap:
         arm_note = " (on Arm with use_mmap=true, repacked Q4 weights can be resident twice)"
     detail = (
-        f"needs ~{needed / GIB:.2f} GiB (weights {weights / GIB:.2f} + context {context / GIB:.2f}){arm_note}; "
-        f"{available / GIB:.2f} GiB available of {total / GIB:.2f} GiB"
+        f"needs ~{needed / GIB:.2f} GiB (weights {memory.weights_bytes / GIB:.2f} + context "
+        f"{memory.context_bytes / GIB:.2f}){arm_note}; {available / GIB:.2f} GiB available of {total / GIB:.2f} GiB"
     )
-    if total and needed > total - reserve:
+    if total and not fits(memory, total, reserve)[0]:
         return Check(
             "memory",
             False,
             detail + ": it can never fit",
             "pick a smaller model (`edgellm models list`) or lower model.n_ctx",
         )
-    if needed > available - reserve:
+    if not fits(memory, available, reserve)[0]:
         return Check(
             "memory",
             None,
@@ -325,16 +333,16 @@ def check_thermal(cfg: Config, env: DoctorEnv) -> Check:
 
 def _read_throttled(cfg: Config, env: DoctorEnv) -> tuple[int | None, str, str]:
     """(value, where it came from, why it could not be read)."""
-    from daemon.sensors import parse_throttled
-
-    for pattern in env.throttled_globs:
-        for name in sorted(glob.glob(pattern)):
-            try:
-                text = Path(name).read_text().strip()
-                return int(text, 16), name, ""
-            except (OSError, ValueError) as exc:
-                return None, name, f"cannot read {name}: {exc}"
-    command = shlex.split(cfg.governor.vcgencmd_command)
+    name = pi_firmware.find_sysfs(env.throttled_globs)
+    if name is not None:
+        try:
+            return pi_firmware.parse_sysfs(Path(name).read_text()), name, ""
+        except (OSError, ValueError) as exc:
+            return None, name, f"cannot read {name}: {exc}"
+    try:
+        command = shlex.split(cfg.governor.vcgencmd_command)
+    except ValueError as exc:  # an unbalanced quote
+        return None, "governor.vcgencmd_command", f"governor.vcgencmd_command cannot be parsed: {exc}"
     if not command:
         return None, "", "governor.vcgencmd_command is empty"
     try:
@@ -343,14 +351,15 @@ def _read_throttled(cfg: Config, env: DoctorEnv) -> tuple[int | None, str, str]:
         )
     except FileNotFoundError:
         return None, "", "not a Raspberry Pi (no get_throttled in sysfs, no vcgencmd)"
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, command[0], f"{command[0]}: {exc}"
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return None, command[0], f"{command[0][:80]}: {exc}"
     if done.returncode != 0:
         message = (done.stderr or done.stdout).strip().splitlines()
-        return None, command[0], f"{' '.join(command)} failed: {message[0] if message else done.returncode}"
+        shown = " ".join(command)[:120]
+        return None, command[0], f"{shown} failed: {message[0][:120] if message else done.returncode}"
     try:
-        return parse_throttled(done.stdout), " ".join(command), ""
-    except Exception as exc:
+        return pi_firmware.parse_vcgencmd(done.stdout), " ".join(command), ""
+    except ValueError as exc:
         return None, " ".join(command), str(exc)
 
 
@@ -359,26 +368,28 @@ def check_power(cfg: Config, env: DoctorEnv) -> Check:
     if value is None:
         if source == "" and "not a Raspberry Pi" in problem:
             return Check("power", None, problem)
+        if source == "governor.vcgencmd_command":
+            return Check("power", False, problem, 'set governor.vcgencmd_command = "vcgencmd get_throttled" (or "")')
         fix = "add the user to group video (sudo usermod -aG video USER); the service has SupplementaryGroups=video"
         return Check("power", None, problem, fix)
     word = f"throttled=0x{value:x} ({source})"
-    if value & UNDER_VOLTAGE_NOW:
+    if value & pi_firmware.UNDER_VOLTAGE_NOW:
         return Check(
             "power",
             False,
             f"UNDER-VOLTAGE now, {word}: the SoC slows down and SD card writes can corrupt",
             "use the official supply (Pi 4: 5.1 V 3 A; Pi 5: 5.1 V 5 A) and a short, thick USB-C cable",
         )
-    if value & (FREQ_CAPPED_NOW | THROTTLED_NOW | SOFT_TEMP_NOW):
+    if value & (pi_firmware.FREQ_CAPPED_NOW | pi_firmware.THROTTLED_NOW | pi_firmware.SOFT_TEMP_NOW):
         return Check("power", None, f"throttled now, {word}", "cool the board (heatsink/fan) and check the supply")
-    if value & UNDER_VOLTAGE_SINCE_BOOT:
+    if value & pi_firmware.UNDER_VOLTAGE_SINCE_BOOT:
         return Check(
             "power",
             None,
             f"under-voltage has occurred since boot, {word}",
             "the supply sags under load: use the official supply and cable",
         )
-    if value & THROTTLED_SINCE_BOOT:
+    if value & pi_firmware.THROTTLED_SINCE_BOOT:
         return Check("power", None, f"throttling has occurred since boot, {word}", "improve cooling")
     return Check("power", True, f"no under-voltage or throttling, {word}")
 
@@ -397,6 +408,12 @@ def check_socket_dir(cfg: Config, env: DoctorEnv) -> Check:
             f"{directory} does not exist",
             f"sudo install -d -o {env.service_user} -g {env.service_user} -m 0750 {directory}",
         )
+    from daemon.transports.unix_socket import UnsafeSocketPathError, check_socket_location
+
+    try:
+        check_socket_location(sock)
+    except UnsafeSocketPathError as exc:
+        return Check("socket", False, str(exc), "use a folder only the service can write (e.g. /run/edgellm)")
     if sock.exists():
         if not stat.S_ISSOCK(sock.stat().st_mode):
             return Check("socket", False, f"{sock} exists and is not a socket", f"remove {sock}")
@@ -489,6 +506,8 @@ def check_broker(cfg: Config, env: DoctorEnv) -> Check:
             socket.create_connection((mqtt.host, mqtt.port), timeout=env.connect_timeout_s).close()
         except socket.gaierror as exc:
             return Check("broker", False, f"cannot resolve {mqtt.host}: {exc.strerror or exc}", "fix mqtt.host")
+        except ValueError as exc:  # UnicodeError from the IDNA codec: a label over 63 characters, ...
+            return Check("broker", False, f"mqtt.host is not a valid host name ({exc})", "fix mqtt.host")
         except OSError as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             return Check(

@@ -23,16 +23,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from daemon.config import validate_governor_config
+from daemon.pi_firmware import decode_throttled
+
 if TYPE_CHECKING:
     from daemon.config import GovernorConfig
 
 THERMAL_STATES = ("normal", "warm", "hot", "critical")
 MEMORY_STATES = ("ok", "low", "critical")
 
-# `vcgencmd get_throttled` bits: 0-3 are "now", 16-19 the same conditions "has occurred since boot".
-THROTTLED_FLAGS = ("under_voltage", "arm_frequency_capped", "throttled", "soft_temperature_limit")
-
-MIB = 1024 * 1024
 # Readings within this many seconds feed the temperature slope (retry_after estimates).
 SLOPE_WINDOW_S = 15.0
 # Thermal states follow the median of this many latest readings: one noisy sample (SoC sensors
@@ -45,15 +44,6 @@ RETRY_AFTER_MIN_S = 1.0
 RETRY_AFTER_MAX_S = 600.0
 
 
-def decode_throttled(value: int) -> dict[str, Any]:
-    """The firmware's throttled word as named booleans, plus the raw value in hex."""
-    flags: dict[str, Any] = {"raw": hex(value)}
-    for bit, name in enumerate(THROTTLED_FLAGS):
-        flags[name] = bool(value & (1 << bit))
-        flags[f"{name}_occurred"] = bool(value & (1 << (bit + 16)))
-    return flags
-
-
 @dataclass(frozen=True)
 class Readings:
     """One sample of the world, as the sensor reader saw it. Every field may be None (not available
@@ -63,7 +53,7 @@ class Readings:
     # Where the temperature came from (file path or "psutil:<name>"); when the read failed, what was
     # tried; None when this box has no temperature source at all.
     temperature_source: str | None = None
-    throttled: int | None = None  # raw `vcgencmd get_throttled` word
+    throttled: int | None = None  # raw firmware throttled word (daemon.pi_firmware)
     mem_available_mb: float | None = None
     mem_total_mb: float | None = None
     swap_used_mb: float | None = None
@@ -167,68 +157,6 @@ class Transition:
         }
 
 
-def model_fits(
-    file_size_bytes: int, kv_estimate_bytes: int, available_bytes: int, reserve_bytes: int
-) -> tuple[bool, str]:
-    """Pre-load check: do the weights plus KV cache and compute buffers fit in available memory minus a reserve?
-    Returns (fits, a sentence saying why) so the caller can put it in a clear error."""
-    for name, value in (
-        ("file_size_bytes", file_size_bytes),
-        ("kv_estimate_bytes", kv_estimate_bytes),
-        ("available_bytes", available_bytes),
-        ("reserve_bytes", reserve_bytes),
-    ):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0 (got {value})")
-    needed = file_size_bytes + kv_estimate_bytes
-    usable = available_bytes - reserve_bytes
-    detail = (
-        f"model needs {needed / MIB:.0f} MiB (file {file_size_bytes / MIB:.0f} MiB + KV cache and compute "
-        f"buffers {kv_estimate_bytes / MIB:.0f} MiB); {available_bytes / MIB:.0f} MiB available, "
-        f"{reserve_bytes / MIB:.0f} MiB kept in reserve"
-    )
-    if needed <= usable:
-        return True, detail
-    return False, f"not enough memory to load the model: {detail}"
-
-
-def validate_config(cfg: GovernorConfig) -> list[tuple[str, str]]:
-    """Rules between [governor] keys that per-key ranges cannot express, as (dotted key, message)
-    pairs for the config loader to report like any other config error."""
-    errors: list[tuple[str, str]] = []
-
-    def fail(key: str, message: str) -> None:
-        errors.append((f"governor.{key}", message))
-
-    if not cfg.warm_c < cfg.hot_c < cfg.critical_c:
-        fail("warm_c", f"must hold warm_c < hot_c < critical_c (got {cfg.warm_c:g}, {cfg.hot_c:g}, {cfg.critical_c:g})")
-    if not cfg.warm_c <= cfg.target_c < cfg.hot_c:
-        fail(
-            "target_c",
-            f"must be >= governor.warm_c and < governor.hot_c "
-            f"(got {cfg.target_c:g}; warm {cfg.warm_c:g}, hot {cfg.hot_c:g})",
-        )
-    if cfg.critical_available_mb >= cfg.min_available_mb:
-        fail(
-            "critical_available_mb",
-            f"must be < governor.min_available_mb (got {cfg.critical_available_mb} >= {cfg.min_available_mb})",
-        )
-    if cfg.memory_reserve_mb < cfg.min_available_mb:
-        fail(
-            "memory_reserve_mb",
-            "must be >= governor.min_available_mb, or a freshly loaded model leaves memory low at once "
-            f"(got {cfg.memory_reserve_mb} < {cfg.min_available_mb})",
-        )
-    if cfg.psi_hysteresis >= cfg.psi_some_limit:
-        fail(
-            "psi_hysteresis",
-            f"must be < governor.psi_some_limit (got {cfg.psi_hysteresis:g} >= {cfg.psi_some_limit:g})",
-        )
-    if cfg.blind_duty < cfg.min_duty:
-        fail("blind_duty", f"must be >= governor.min_duty (got {cfg.blind_duty:g} < {cfg.min_duty:g})")
-    return errors
-
-
 class DutyController:
     """PI controller: temperature -> duty cycle, used in the `warm` state.
 
@@ -275,7 +203,7 @@ class Governor:
     state that update caused (empty when none), `last_transition` the latest ever."""
 
     def __init__(self, cfg: GovernorConfig) -> None:
-        problems = validate_config(cfg)
+        problems = validate_governor_config(cfg)
         if problems:
             raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
         self.cfg = cfg

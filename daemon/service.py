@@ -54,26 +54,35 @@ class Daemon:
         from daemon.models import resolve_model_path
 
         path = resolve_model_path(cfg.model, cfg.state_dir)
-        self._check_memory_before_load(cfg, path)
+        self._check_model_before_load(cfg, path)
         return Engine(cfg.model, cfg.engine, path, cfg.state_dir)
 
-    def _check_memory_before_load(self, cfg: Config, path: Path) -> None:
+    def _check_model_before_load(self, cfg: Config, path: Path) -> None:
+        """A truncated, corrupt or replaced file, or one that cannot fit in memory, is refused here
+        with a message that says so, before llama.cpp sees it (at start, on SIGHUP, on a reload)."""
+        from daemon.engine import ModelLoadError
+        from daemon.gguf import GgufError, check_model_file
+        from daemon.memory_plan import fits, plan_for_header
+        from daemon.sensors import read_available_bytes
+
+        try:
+            header = check_model_file(path)
+        except GgufError as exc:
+            raise ModelLoadError(f"model file {path}: {exc}") from exc
+        except OSError:
+            return  # missing or unreadable: the engine says which, with the config key to fix
         if not cfg.governor.enabled:
             return
-        from daemon.engine import ModelLoadError
-        from daemon.governor import model_fits
-        from daemon.sensors import context_memory_estimate_bytes, read_available_bytes
-
         available = read_available_bytes(cfg.governor)
-        if available is None or not path.is_file():
+        if available is None:
             return
-        fits, why = model_fits(
-            path.stat().st_size,
-            context_memory_estimate_bytes(path, cfg.model.n_ctx, cfg.engine.n_batch),
-            available,
-            cfg.governor.memory_reserve_mb * 1024 * 1024,
-        )
-        if not fits:
+        try:
+            memory = plan_for_header(header, cfg.model.n_ctx, cfg.engine.n_batch, cfg.engine.kv_type)
+        except GgufError as exc:
+            log.warning("model.memory_plan_unknown", path=str(path), error=str(exc))
+            return
+        ok, why = fits(memory, available, cfg.governor.memory_reserve_mb * 1024 * 1024)
+        if not ok:
             raise ModelLoadError(why)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -115,7 +124,7 @@ class Daemon:
     async def _start_transports(self, loop: asyncio.AbstractEventLoop) -> None:
         inherited = sdnotify.listen_fds()
         socket_cfg = replace(self.cfg.socket, path=str(serve_socket_path(self.cfg.socket.path)))
-        self.socket_server = UnixSocketServer(socket_cfg, self.worker, loop)
+        self.socket_server = UnixSocketServer(socket_cfg, self.worker, loop, limits=lambda: self.cfg.limits)
         await self.socket_server.start(inherited[0] if inherited else None)
         if self.cfg.mqtt.enabled:
             from daemon.transports.mqtt import MqttTransport
@@ -203,10 +212,7 @@ class Daemon:
         self.cfg = new
         self.worker.cfg = new
         self.worker.set_max_depth(new.queue.max_depth)
-        if self.sensors is not None:
-            self.sensors.reconfigure(new.governor)
-        elif new.governor.enabled:
-            self._start_governor()
+        self._reload_governor(new)
         if self.mqtt is not None and new.mqtt != old.mqtt:
             if new.mqtt.enabled:
                 # A reconnect can block for a second or two: keep the event loop serving.
@@ -220,6 +226,23 @@ class Daemon:
             self.mqtt = MqttTransport(new.mqtt, self.worker, state_dir=new.state_dir, version=__version__)
             self.mqtt.start()
         log.info("config.reloaded", source=new.source)
+
+    def _reload_governor(self, new: Config) -> None:
+        """Start, reconfigure or stop the sensor loop as `governor.enabled` now says. Stopped, its
+        last decision must not linger: the worker is handed the neutral one (admit, full speed)."""
+        if not new.governor.enabled:
+            if self.sensors is not None:
+                self.sensors.stop()
+                self.sensors = None
+                from daemon.governor import Decision
+
+                self.worker.set_decision(Decision.NORMAL)
+                log.info("governor.stopped", reason="governor.enabled = false")
+            return
+        if self.sensors is not None:
+            self.sensors.reconfigure(new.governor)
+        else:
+            self._start_governor()
 
     def _load_engine(self, cfg: Config) -> Engine:
         engine = self._make_engine(cfg)

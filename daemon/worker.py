@@ -39,7 +39,7 @@ EngineFactory = Callable[[], Engine]
 IDLE_TICK_S = 0.5
 
 
-class WorkerState(str, enum.Enum):
+class WorkerState(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
     IDLE = "idle"  # unloaded after engine.keep_alive_s without work; reloads on the next request

@@ -20,7 +20,7 @@ Usage: scripts/install.sh [OPTIONS]
 
   --prefix DIR        install under DIR instead of / (also: DESTDIR=DIR). Creates no user and runs no
                       systemctl; for inspecting the tree and for tests (a venv is not relocatable).
-  --python PY         Python (>= 3.9) that creates the venv (default: python3)
+  --python PY         Python (>= 3.11) that creates the venv (default: python3)
   --deps-from VENV    reuse the dependencies already built in another venv (a .pth link to its
                       site-packages) and install only edgellm itself: no rebuild of llama-cpp-python.
                       For CI and reinstalls on the same box; VENV is only read, never changed.
@@ -76,8 +76,8 @@ is_root() { [ "$(id -u)" -eq 0 ]; }
 systemd_running() { [ -z "$ROOT" ] && [ -d /run/systemd/system ]; }
 
 # --- 0. sanity -------------------------------------------------------------------------------------
-if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' 2>/dev/null; then
-    echo "install.sh: $PYTHON is not Python >= 3.9 (Raspberry Pi OS: sudo apt install python3 python3-venv)" >&2
+if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+    echo "install.sh: $PYTHON is not Python >= 3.11 (Raspberry Pi OS: sudo apt install python3 python3-venv)" >&2
     exit 1
 fi
 if [ -z "$ROOT" ] && ! is_root; then

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +22,6 @@ from daemon.config import (
     load_config,
     parse_config,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -216,7 +211,7 @@ def test_unknown_table_suggests_the_close_one(tmp_path: Path) -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys(tmp_path: Path) -> None:
     path = write(tmp_path, "[queue]\nfrobnicate = 1\n")
-    assert one_error(path) == f"{path}: queue.frobnicate: unknown key (known keys: max_depth)"
+    assert one_error(path) == f"{path}: queue.frobnicate: unknown key (known keys: max_depth, preempt)"
 
 
 def test_source_is_not_a_settable_key(tmp_path: Path) -> None:
@@ -517,3 +512,66 @@ def test_governor_rules_between_keys_are_config_errors(tmp_path: Path) -> None:
     errors = errors_of(path)
     assert f"{path}: governor.warm_c: must hold warm_c < hot_c < critical_c (got 80, 78, 83)" in errors
     assert all(e.startswith(f"{path}: governor.") for e in errors)
+
+
+# --- hardening: hostile values, limits, socket peers -----------------------------------------------
+
+
+def test_a_huge_integer_in_a_float_key_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    huge = "1" + "0" * 400
+    path = write(tmp_path, f"[generation]\ntemperature = {huge}\n[governor]\nhot_c = -{huge}\n")
+    errors = errors_of(path)
+    assert errors == [
+        f"{path}: generation.temperature: must be <= 5 (got an integer of about 401 digits)",
+        f"{path}: governor.hot_c: must be >= 20 (got an integer of about 401 digits)",
+    ]
+
+
+def test_long_strings_are_quoted_short(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[model]\ntemplate = "{"x" * 5000}"\n')
+    message = one_error(path)
+    assert "(5000 characters)" in message and len(message) < 300
+
+
+def test_a_nul_in_a_path_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '[model]\npath = "/models/a\\u0000b.gguf"\n')
+    assert "model.path: must not contain a NUL character" in one_error(path)
+
+
+def test_limits_table(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[limits]\nmax_tokens = 512\nmax_stop = 0\nmax_json_depth = 5\n"))
+    assert (cfg.limits.max_tokens, cfg.limits.max_stop, cfg.limits.max_json_depth) == (512, 0, 5)
+    assert cfg.limits.max_messages == 64  # the rest stay at their defaults
+    path = write(tmp_path, "[limits]\nmax_json_depth = 2\n")
+    assert one_error(path) == f"{path}: limits.max_json_depth: must be >= 3 (got 2)"
+
+
+def test_default_max_tokens_must_be_within_the_ceiling(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\nmax_tokens = 100\n[generation]\nmax_tokens = 256\n")
+    assert one_error(path).startswith(f"{path}: generation.max_tokens: must be <= limits.max_tokens")
+
+
+def test_socket_peer_lists(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[socket]\nallowed_uids = [1000, 1001]\nallowed_gids = [995]\n"))
+    assert cfg.socket.allowed_uids == (1000, 1001) and cfg.socket.allowed_gids == (995,)
+    path = write(tmp_path, '[socket]\nallowed_uids = [1000, "root"]\nallowed_gids = 5\n')
+    assert errors_of(path) == [
+        f'{path}: socket.allowed_uids[1]: must be an integer (got string "root")',
+        f"{path}: socket.allowed_gids: must be an array of integers (got integer 5)",
+    ]
+    path = write(tmp_path, "[socket]\nallowed_uids = [-1]\n")
+    assert one_error(path) == f"{path}: socket.allowed_uids[0]: must be >= 0 (got -1)"
+
+
+def test_config_imports_neither_the_governor_nor_the_engine() -> None:
+    """The config<->governor cycle is gone: loading the config pulls in no policy module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, daemon.config; "
+        "bad = [m for m in ('daemon.governor', 'daemon.sensors', 'daemon.engine', 'jinja2') if m in sys.modules]; "
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -481,7 +481,9 @@ def test_line_limit_is_exact(shared_daemon: DaemonProcess) -> None:
     assert len(fits) == limit
     with shared_daemon.client() as c:
         c.send_raw(fits + b"\n")
-        assert c.read_event()["code"] == "prompt_too_long"  # accepted and parsed: only too long for n_ctx
+        # Accepted and parsed: refused only for what the prompt is (over limits.max_prompt_bytes).
+        refused = c.read_event()
+        assert refused["code"] == "invalid_request" and "limits.max_prompt_bytes" in refused["message"]
         c.send_raw(fits + b" \n")
         assert c.read_event()["code"] == "payload_too_large"
 

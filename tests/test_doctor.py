@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from daemon import doctor, models
+from daemon import doctor, models, pi_firmware
 from daemon.config import Config, parse_config
 from daemon.doctor import Check, DoctorEnv
 
@@ -370,3 +370,116 @@ def test_the_real_command(tmp_path: Path) -> None:
     assert checks[0] == {"name": "config", "ok": True, "detail": f"{path} is valid", "fix": "", "verdict": "ok"}
     assert {c["name"] for c in checks} >= {"model", "memory", "thermal", "power", "broker", "cpu"}
     assert result.returncode == (1 if any(c["ok"] is False for c in checks) else 0)
+
+
+# --- hostile config values: a check never raises -----------------------------------------------------
+
+
+def _hostile_cases(tmp: Path) -> list[tuple[str, dict[str, Any]]]:
+    folder = tmp / "a-folder"
+    folder.mkdir(exist_ok=True)
+    garbage = tmp / "garbage.bin"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    truncated = tmp / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (2**62).to_bytes(8, "little") * 2)
+    fifo = tmp / "a-fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    a_file = tmp / "a-file"
+    a_file.write_text("x")
+    long_dir = tmp / ("d" * 120)
+    return [
+        ("unbalanced quote", {"governor": {"vcgencmd_command": 'vcgencmd "get_throttled'}}),
+        ("NUL in the command", {"governor": {"vcgencmd_command": "vcgencmd\u0000 get_throttled"}}),
+        ("overlong command", {"governor": {"vcgencmd_command": "x" * 5000}}),
+        ("command is a device", {"governor": {"vcgencmd_command": "/dev/null"}}),
+        ("command is a folder", {"governor": {"vcgencmd_command": str(folder)}}),
+        ("temperature file is a folder", {"governor": {"temperature_files": [str(folder)]}}),
+        ("temperature file is garbage", {"governor": {"temperature_files": [str(garbage), "/dev/null"]}}),
+        ("temperature file is a fifo", {"governor": {"temperature_files": [str(a_file / "no")]}}),
+        ("meminfo is a folder", {"governor": {"meminfo_file": str(folder)}}),
+        ("meminfo is garbage", {"governor": {"meminfo_file": str(garbage)}}),
+        ("model is a folder", {"model": {"path": str(folder)}}),
+        ("model is a device", {"model": {"path": "/dev/null"}}),
+        ("model is a fifo", {"model": {"path": str(fifo)}}),
+        ("model is garbage", {"model": {"path": str(garbage)}}),
+        ("model has a hostile header", {"model": {"path": str(truncated)}}),
+        ("model under a file", {"model": {"path": str(a_file / "m.gguf")}}),
+        ("socket path is a folder", {"socket": {"path": str(folder)}}),
+        ("socket path is a file", {"socket": {"path": str(a_file)}}),
+        ("socket under a file", {"socket": {"path": str(a_file / "s.sock")}}),
+        ("socket path too long for AF_UNIX", {"socket": {"path": str(long_dir / "edgellm.sock")}}),
+        ("state dir is a file", {"state_dir": str(a_file)}),
+        ("broker host label too long", {"mqtt": {"enabled": True, "host": "a" * 300, "port": 1}}),
+        ("broker host with a NUL", {"mqtt": {"enabled": True, "host": "bro\u0000ker", "port": 1}}),
+        ("broker socket path too long", {"mqtt": {"enabled": True, "transport": "unix", "host": "/" + "b" * 200}}),
+        ("broker socket is a folder", {"mqtt": {"enabled": True, "transport": "unix", "host": str(folder)}}),
+    ]
+
+
+def test_no_check_raises_on_hostile_config_values(tmp_path: Path, pi: FakePi) -> None:
+    (tmp_path / ("d" * 120)).mkdir()
+    env = pi.env(throttled_globs=())  # so the power check runs governor.vcgencmd_command
+    for label, sections in _hostile_cases(tmp_path):
+        if "state_dir" in sections:
+            cfg = parse_config({"mqtt": {"enabled": False}, **sections}, "test.toml", tmp_path)
+        else:
+            cfg = config(tmp_path, **sections)
+        checks = doctor.run_checks(cfg, env)
+        assert [c.name for c in checks] == [
+            "settings", "model", "memory", "thermal", "power", "socket", "state dir", "broker", "cpu"
+        ], label
+        crashed = [c for c in checks if "the check itself failed" in c.detail]
+        assert not crashed, f"{label}: {crashed}"
+
+
+def test_an_unbalanced_quote_in_vcgencmd_command_is_a_finding(tmp_path: Path, pi: FakePi) -> None:
+    cfg = config(tmp_path, governor={"vcgencmd_command": 'vcgencmd "get_throttled'})
+    power = doctor.check_power(cfg, pi.env(throttled_globs=()))
+    assert power.ok is False and "governor.vcgencmd_command cannot be parsed: No closing quotation" in power.detail
+    assert "governor.vcgencmd_command" in power.fix
+
+
+def test_a_check_that_raises_anyway_becomes_a_fail_line() -> None:
+    def broken() -> Check:
+        raise RuntimeError("boom")
+
+    check = doctor._guarded("thermal", broken)
+    assert check.ok is False and check.detail == "the check itself failed: RuntimeError: boom"
+
+
+def test_the_real_command_with_an_unbalanced_quote(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'state_dir = "{tmp_path}"\n[mqtt]\nenabled = false\n[socket]\npath = "{tmp_path}/s.sock"\n'
+        "[governor]\nvcgencmd_command = 'vcgencmd \"get_throttled'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "doctor", "--config", str(path)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "EDGELLM_CONFIG": ""},
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("verdict:")
+    if not any(Path(p).exists() for p in pi_firmware.SYSFS_GLOBS):
+        assert "cannot be parsed" in result.stdout or "not a Raspberry Pi" in result.stdout
+
+
+def test_a_truncated_model_is_a_failed_model_check(tmp_path: Path, pi: FakePi, gemma_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    with gemma_path.open("rb") as src:
+        cut.write_bytes(src.read(gemma_path.stat().st_size // 2))
+    check = doctor.check_model(config(tmp_path, model={"path": str(cut)}), pi.env())
+    assert check.ok is False and "truncated: the file has" in check.detail and "fetch" in check.fix
+
+
+def test_unsafe_socket_paths_are_a_failed_socket_check(tmp_path: Path, pi: FakePi) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    check = doctor.check_socket_dir(config(tmp_path, socket={"path": str(open_dir / "s.sock")}), pi.env())
+    assert check.ok is False and "world-writable without the sticky bit" in check.detail
+    link = tmp_path / "run" / "link.sock"
+    link.symlink_to(tmp_path / "elsewhere.sock")
+    check = doctor.check_socket_dir(config(tmp_path, socket={"path": str(link)}), pi.env())
+    assert check.ok is False and "is a symlink" in check.detail

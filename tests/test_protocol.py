@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from daemon.config import GenerationConfig
-from daemon.protocol import Code, EdgeError, Message, parse_json_object, parse_request
+from daemon.protocol import (
+    DEFAULT_LIMITS,
+    MAX_QUOTED_CHARS,
+    Code,
+    EdgeError,
+    Limits,
+    Message,
+    parse_json_object,
+    parse_request,
+    peek_id,
+    quote,
+)
 
 DEFAULTS = GenerationConfig()
 
@@ -99,3 +111,89 @@ def test_bytes_that_are_not_a_json_object(data: bytes, code: str) -> None:
 
 def test_json_object_round_trip() -> None:
     assert parse_json_object(json.dumps({"prompt": "é"}).encode()) == {"prompt": "é"}
+
+
+# --- huge numbers, quoting, limits ------------------------------------------------------------------
+
+HUGE = int("1" + "0" * 400)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repeat_penalty"])
+@pytest.mark.parametrize("value", [HUGE, -HUGE])
+def test_a_huge_integer_in_a_float_field_is_invalid_request(name: str, value: int) -> None:
+    err = error_of({"prompt": "x", name: value})
+    assert err.code == Code.INVALID_REQUEST and err.message.startswith(f"{name}: must be between")
+    assert "an integer of about 401 digits" in err.message and len(err.message) < 120
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "top_k", "seed", "deadline_ms"])
+def test_a_huge_integer_in_an_int_field_is_quoted_short(name: str) -> None:
+    err = error_of({"prompt": "x", name: HUGE})
+    assert err.code == Code.INVALID_REQUEST and err.message.startswith(f"{name}:") and len(err.message) < 120
+
+
+def test_huge_request_integer_from_the_wire_keeps_the_id() -> None:
+    line = b'{"id": "big-1", "prompt": "x", "temperature": 1' + b"0" * 400 + b"}"
+    obj = parse_json_object(line)
+    with pytest.raises(EdgeError) as err:
+        parse(obj)
+    assert err.value.code == Code.INVALID_REQUEST
+    assert err.value.to_event(peek_id(obj)).to_dict()["id"] == "big-1"
+
+
+def test_offending_values_are_quoted_short() -> None:
+    assert quote("x" * 10_000) == '"' + "x" * MAX_QUOTED_CHARS + '…" (10000 characters)'
+    assert quote(12) == "12" and quote(2.5) == "2.5" and quote(None) == "null" and quote([1]) == "array"
+    long_key = "k" * 5000
+    err = error_of({"prompt": "x", long_key: 1})
+    assert err.message.startswith("unknown field(s): ") and len(err.message) < 400
+
+
+def limited(**overrides: int) -> Limits:
+    return replace(DEFAULT_LIMITS, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("obj", "limits", "needle"),
+    [
+        ({"prompt": "x", "max_tokens": 101}, limited(max_tokens=100),
+         "max_tokens: 101 is more than limits.max_tokens (100)"),
+        ({"prompt": "é" * 6}, limited(max_prompt_bytes=11),
+         "prompt: 12 bytes of text, more than limits.max_prompt_bytes (11)"),
+        ({"messages": [{"role": "system", "content": "abc"}, {"role": "user", "content": "def"}]},
+         limited(max_prompt_bytes=5), "messages: 6 bytes of text, more than limits.max_prompt_bytes (5)"),
+        ({"prompt": "x", "stop": ["a", "b", "c"]}, limited(max_stop=2),
+         "stop: 3 strings, more than limits.max_stop (2)"),
+        ({"prompt": "x", "stop": ["ok", "toolong"]}, limited(max_stop_chars=4),
+         "stop[1]: 7 characters, more than limits.max_stop_chars (4)"),
+        ({"messages": [{"role": "user", "content": "u"}] * 3}, limited(max_messages=2),
+         "messages: 3 messages, more than limits.max_messages (2)"),
+        ({"prompt": "x", "stop": [[["a"]]]}, limited(max_json_depth=3),
+         "request: nested more than 3 levels deep (limits.max_json_depth)"),
+    ],
+)
+def test_limits_refuse_naming_the_field_and_the_limit(obj: dict[str, object], limits: Limits, needle: str) -> None:
+    with pytest.raises(EdgeError) as err:
+        parse_request(obj, DEFAULTS, limits=limits)
+    assert err.value.code == Code.INVALID_REQUEST
+    assert err.value.message == needle
+
+
+def test_limits_let_through_what_is_within_them() -> None:
+    limits = limited(
+        max_tokens=100, max_prompt_bytes=12, max_stop=2, max_stop_chars=7, max_messages=2, max_json_depth=3
+    )
+    r = parse_request(
+        {"messages": [{"role": "system", "content": "é" * 3}, {"role": "user", "content": "abcdef"}],
+         "max_tokens": 100, "stop": ["ok", "toolong"]},
+        DEFAULTS, limits=limits,
+    )
+    assert r.max_tokens == 100 and r.stop == ("ok", "toolong")
+
+
+def test_deep_nesting_is_refused_without_recursion() -> None:
+    deep: object = "x"
+    for _ in range(900):  # json.loads can produce this; a recursive check would blow the stack
+        deep = [deep]
+    err = error_of({"prompt": "x", "stop": deep})  # type: ignore[dict-item]
+    assert "limits.max_json_depth" in err.message

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import stat
 import tempfile
 import threading
@@ -30,8 +29,6 @@ from daemon.sensors import (
     SensorError,
     SensorLoop,
     SensorReader,
-    context_memory_estimate_bytes,
-    kv_cache_estimate_bytes,
     parse_temperature,
     read_available_bytes,
 )
@@ -252,6 +249,24 @@ def test_no_vcgencmd_means_not_a_pi_and_no_error(tmp_path: Path) -> None:
         assert readings.throttled is None and errors_for(readings, "vcgencmd") == []
 
 
+def test_the_sysfs_word_comes_first_and_needs_no_vcgencmd(tmp_path: Path, vcgencmd: Path) -> None:
+    word = tmp_path / "soc" / "get_throttled"
+    word.parent.mkdir()
+    word.write_text("80008\n")
+    (tmp_path / "vc-mode").write_text("0x50005")
+    globs = (str(tmp_path / "nothing*" / "get_throttled"), str(tmp_path / "so*" / "get_throttled"))
+    reader = SensorReader(config(tmp_path, vcgencmd_command=f"{vcgencmd} get_throttled"), throttled_globs=globs)
+    readings = reader.read()
+    assert readings.throttled == 0x80008 and readings.to_dict()["throttled"]["active"] == [
+        "soft_temperature_limit", "soft_temperature_limit_occurred"
+    ]
+    word.write_text("garbage\n")
+    assert errors_for(reader.read(), "throttled")[0].startswith("throttled: not a hex word")
+    # "" still means: do not ask the firmware at all.
+    off = SensorReader(config(tmp_path, vcgencmd_command=""), throttled_globs=globs).read()
+    assert off.throttled is None and errors_for(off, "throttled") == []
+
+
 def test_an_unparsable_vcgencmd_command_is_an_error_not_an_exception(tmp_path: Path) -> None:
     reader = SensorReader(config(tmp_path, vcgencmd_command='vcgencmd "get_throttled'))
     for _ in range(2):  # on every read, so the failure episode does not look recovered
@@ -306,48 +321,6 @@ def test_real_proc_pressure_if_present(tmp_path: Path) -> None:
         pytest.skip("kernel without PSI")
     readings = SensorReader(config(tmp_path, psi_file="/proc/pressure/memory")).read()
     assert readings.psi_some_avg10 is not None and 0.0 <= readings.psi_some_avg10 <= 100.0
-
-
-# --- KV cache estimate ------------------------------------------------------------------------------
-
-
-def test_kv_cache_estimate_from_gguf_metadata(tiny_olmo_path: Path) -> None:
-    from tests import tiny_olmo
-
-    head_dim = tiny_olmo.N_EMBD // tiny_olmo.N_HEAD
-    expected = 2 * 1024 * tiny_olmo.N_LAYER * tiny_olmo.N_HEAD_KV * (head_dim + head_dim)
-    assert kv_cache_estimate_bytes(tiny_olmo_path, 1024) == expected
-
-
-def test_memory_estimates_match_what_llama_cpp_allocates(gemma_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    import llama_cpp
-
-    n_ctx, n_batch = 1024, 64
-    llm = llama_cpp.Llama(
-        str(gemma_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=1, verbose=True
-    )
-    del llm
-    log = capfd.readouterr().err
-
-    def mib(pattern: str) -> float:
-        found = [float(x) for x in re.findall(pattern + r"\s+([\d.]+) MiB", log)]
-        assert found, f"llama.cpp no longer logs {pattern!r}"
-        return sum(found) * MIB
-
-    kv = mib(r"llama_kv_cache: size =")
-    allocated = kv + mib(r"CPU compute buffer size =") + mib(r"CPU\s+output buffer size =")
-    assert kv_cache_estimate_bytes(gemma_path, n_ctx) == pytest.approx(kv, abs=0.01 * MIB)
-    estimate = context_memory_estimate_bytes(gemma_path, n_ctx, n_batch)
-    assert allocated * 0.98 <= estimate <= allocated * 1.1
-
-
-def test_kv_cache_estimate_of_a_non_gguf_is_zero(tmp_path: Path) -> None:
-    bogus = tmp_path / "model.gguf"
-    bogus.write_bytes(b"not a model at all")
-    with capture_logs() as logs:
-        assert kv_cache_estimate_bytes(bogus, 2048) == 0
-        assert context_memory_estimate_bytes(bogus, 2048, 64) == 0
-    assert [e["event"] for e in logs] == ["model.kv_estimate_failed"] * 2
 
 
 # --- the loop ------------------------------------------------------------------------------------

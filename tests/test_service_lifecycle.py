@@ -34,7 +34,7 @@ class NotifyListener:
         while not self._stop:
             try:
                 data = self.sock.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -142,12 +142,13 @@ def _tensors(n_vocab: int) -> list[tuple[str, np.ndarray]]:
     return tensors
 
 
-def build_tiny_olmo2(path: Path, *, with_chat_template: bool = False) -> Path:
+def build_tiny_olmo2(path: Path, *, with_chat_template: bool = False, chat_template: str | None = None) -> Path:
     """Write the tiny OLMo-2 GGUF to `path` (parents created) and return `path`.
 
     Same arguments give byte-identical files. With `with_chat_template` the real OLMo-2
     instruct template is stored in `tokenizer.chat_template`; without it the file has no
-    template, like many hand-converted GGUFs, so callers must supply their own.
+    template, like many hand-converted GGUFs, so callers must supply their own. `chat_template`
+    stores that text instead (a crafted template, for the sandbox tests).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,9 @@ def build_tiny_olmo2(path: Path, *, with_chat_template: bool = False) -> Path:
     # The chat template emits bos_token itself; auto-adding another would double it.
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
-    if with_chat_template:
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    elif with_chat_template:
         writer.add_chat_template(OLMO2_CHAT_TEMPLATE)
 
     for name, data in _tensors(len(tokens)):

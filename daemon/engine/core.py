@@ -25,8 +25,9 @@ import structlog
 from daemon.engine.llama import ContextParams, Llama, LlamaError, Sampler, SamplerParams
 from daemon.engine.prefix_cache import DiskStore, PrefixCache, common_prefix, model_sha256
 from daemon.engine.text import TextStream
+from daemon.memory_plan import KV_ELEMENT_BYTES
 from daemon.protocol import Code, EdgeError, Message, Request
-from daemon.templates import BUILTIN, Rendered, TemplateChoiceError, choose_template
+from daemon.templates import BUILTIN, Rendered, TemplateChoiceError, choose_template, jinja_renderer
 
 if TYPE_CHECKING:
     from daemon.config import EngineConfig, ModelConfig
@@ -41,8 +42,6 @@ FILE_TYPES = {
     23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
     29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
 }
-# Bytes per KV element by cache type (ggml block sizes: q8_0 34 B / 32, q4_0 18 B / 32).
-KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 PREFIX_CACHE_DIR = "prefix-cache"
 
 
@@ -271,8 +270,6 @@ class Engine:
     ) -> Callable[[Sequence[Message]], Rendered]:
         if template in BUILTIN:
             return BUILTIN[template]
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         if template == "file":
             try:
                 source = Path(self.model_cfg.chat_template_file).read_text(encoding="utf-8")
@@ -280,25 +277,8 @@ class Engine:
                 raise TemplateChoiceError(f"model.chat_template_file: cannot read: {exc}") from exc
         else:
             source = metadata["tokenizer.chat_template"]
-        eos = llama.token_text(llama.eos())
-        bos = llama.token_text(llama.bos())
-        # Rendered in llama-cpp-python's sandboxed Jinja environment, as its chat handler does.
-        formatter = Jinja2ChatFormatter(template=source, eos_token=eos, bos_token=bos)
-
-        def render(messages: Sequence[Message]) -> Rendered:
-            chat: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-            result = formatter(messages=chat)
-            # The template writes the BOS itself; strip it so the tokenizer's add_bos is the only one.
-            text = result.prompt
-            if bos and text.startswith(bos):
-                text = text[len(bos) :]
-            return Rendered(text, stop=tuple(s for s in (result.stop or []) if isinstance(s, str) and s))
-
-        try:
-            render([Message("user", "test")])
-        except Exception as exc:  # a broken template must fail at load, not on the first request
-            raise TemplateChoiceError(f"the chat template cannot be rendered: {exc}") from exc
-        return render
+        # Sandboxed, and refused at load if it reaches for Python internals (daemon.templates).
+        return jinja_renderer(source, llama.token_text(llama.bos()), llama.token_text(llama.eos()))
 
     # --- requests --------------------------------------------------------------------------
 

@@ -16,20 +16,24 @@ import select
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from daemon.protocol import (
+    DEFAULT_LIMITS,
     Code,
     EdgeError,
     ErrorEvent,
     Event,
+    Limits,
     Origin,
     parse_json_object,
     parse_request,
     peek_id,
+    quote,
     to_json_line,
 )
 
@@ -44,6 +48,11 @@ class SocketInUseError(RuntimeError):
     """Another live process answers on the socket path."""
 
 
+class UnsafeSocketPathError(SocketInUseError):
+    """The socket path could be swapped under us by someone else: a symlink, or a folder anyone may
+    write to without the sticky bit."""
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     """(pid, uid, gid) of the process at the other end, from SO_PEERCRED (Linux)."""
     try:
@@ -54,9 +63,60 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
+def peer_groups(pid: int, primary_gid: int) -> set[int]:
+    """The peer's primary and supplementary groups (from /proc; just the primary if it is gone)."""
+    groups = {primary_gid}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                groups.update(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return groups
+
+
+def peer_allowed(creds: tuple[int, int, int] | None, uids: tuple[int, ...], gids: tuple[int, ...]) -> bool:
+    """`socket.allowed_uids`/`allowed_gids`: both empty lets everyone in; root and the daemon's own
+    user always (they can read its memory anyway); else the uid or one of the groups must be listed."""
+    if not uids and not gids:
+        return True
+    if creds is None:
+        return False
+    pid, uid, gid = creds
+    if uid in (0, os.getuid()) or uid in uids:
+        return True
+    return bool(gids) and not peer_groups(pid, gid).isdisjoint(gids)
+
+
+def check_socket_location(path: Path) -> None:
+    """Refuse a path someone else could swap: a symlink, or one in a folder that anyone may write to
+    without the sticky bit (they could replace our socket with theirs and read every prompt)."""
+    try:
+        folder = path.parent.stat()
+    except OSError as exc:
+        raise UnsafeSocketPathError(f"{path.parent}: cannot check the socket's folder ({exc.strerror or exc})") from exc
+    if not stat.S_ISDIR(folder.st_mode):
+        raise UnsafeSocketPathError(f"{path.parent} is not a folder")
+    if folder.st_mode & stat.S_IWOTH and not folder.st_mode & stat.S_ISVTX:
+        raise UnsafeSocketPathError(
+            f"{path.parent} is world-writable without the sticky bit: anyone could replace the socket; "
+            f"refusing to listen there (chmod o-w or +t {path.parent}, or set socket.path elsewhere)"
+        )
+    try:
+        st = path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeSocketPathError(
+            f"{path} is a symlink; refusing to listen through it (remove it, or set socket.path to the real place)"
+        )
+
+
 def prepare_socket_path(path: Path) -> None:
-    """Make the folder; replace a stale socket left by a crash; refuse a live one or a non-socket."""
+    """Make the folder; refuse a path that is not safe; replace a stale socket left by a crash;
+    refuse a live one or a non-socket."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_socket_location(path)
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -109,6 +169,7 @@ class _Connection:
         self.active: set[str] = set()
         self.closed = False
         creds = peer_credentials(writer.get_extra_info("socket"))
+        self.creds = creds
         self.peer = "unknown" if creds is None else f"pid={creds[0]} uid={creds[1]} gid={creds[2]}"
         self.origin = Origin("socket", self.peer)
 
@@ -203,7 +264,7 @@ class _Connection:
             if "op" in obj:
                 self.handle_op(obj)
                 return
-            request = parse_request(obj, backend.defaults)
+            request = parse_request(obj, backend.defaults, limits=self.server.limits())
         except EdgeError as exc:
             # An error about a control op is not about the request whose id it names.
             request_id = peek_id(obj) if obj is not None and "op" not in obj else None
@@ -236,7 +297,7 @@ class _Connection:
             status = backend.status()
             self.send({"event": "health", "ok": status["state"] == "ready", "state": status["state"]})
         else:
-            raise EdgeError(Code.INVALID_REQUEST, f"op: unknown operation {op!r}; known: cancel, status, health")
+            raise EdgeError(Code.INVALID_REQUEST, f"op: unknown operation {quote(op)}; known: cancel, status, health")
 
     # How long shutdown waits for a client to take its last events before dropping it.
     FLUSH_TIMEOUT_S = 1.0
@@ -253,16 +314,24 @@ def _peer_hung_up(sock: Any) -> bool:
 def _expect_fields(obj: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise EdgeError(Code.INVALID_REQUEST, f"unknown field(s) for op {obj.get('op')!r}: {', '.join(unknown)}")
+        shown = ", ".join(quote(name) for name in unknown[:8])
+        raise EdgeError(Code.INVALID_REQUEST, f"unknown field(s) for op {quote(obj.get('op'))}: {shown}")
 
 
 class UnixSocketServer:
     """Lifecycle: `await start()`, then `await stop()`; the socket file is removed on stop."""
 
-    def __init__(self, cfg: SocketConfig, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        cfg: SocketConfig,
+        backend: Backend,
+        loop: asyncio.AbstractEventLoop,
+        limits: Callable[[], Limits] = lambda: DEFAULT_LIMITS,
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.loop = loop
+        self.limits = limits  # asked per request, so a SIGHUP's new [limits] apply at once
         self.path = Path(cfg.path)
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -286,6 +355,19 @@ class UnixSocketServer:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Connection(self, reader, writer)
+        if not peer_allowed(conn.creds, self.cfg.allowed_uids, self.cfg.allowed_gids):
+            log.warning("socket.peer_refused", peer=conn.peer, reason="not in socket.allowed_uids/allowed_gids")
+            who = "an unknown peer" if conn.creds is None else f"uid {conn.creds[1]} (gid {conn.creds[2]})"
+            conn.send(ErrorEvent(None, Code.FORBIDDEN,
+                                 f"{who} may not use this socket (socket.allowed_uids / allowed_gids)").to_dict())
+            conn.closed = True
+            try:
+                await asyncio.wait_for(writer.drain(), timeout=1.0)
+            except Exception:  # it does not read: nothing more is owed to it
+                writer.transport.abort()
+            else:
+                writer.close()
+            return
         if len(self.connections) >= self.cfg.max_connections:
             log.warning("socket.too_many_connections", peer=conn.peer, limit=self.cfg.max_connections)
             conn.send(ErrorEvent(None, Code.QUEUE_FULL, "too many connections", retry_after_ms=1000).to_dict())

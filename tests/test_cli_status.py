@@ -1,0 +1,128 @@
+"""`edgellm status` against daemons that misbehave: an error line and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+
+class FakeDaemon:
+    """A real Unix socket server whose answer to a connection is `behave(conn)`."""
+
+    def __init__(self, path: Path, behave: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.behave = behave
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            self.behave(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def close_at_once(conn: socket.socket) -> None:
+    conn.close()
+
+
+def read_then_close(conn: socket.socket) -> None:
+    conn.recv(1024)
+    conn.close()
+
+
+def never_answer(conn: socket.socket) -> None:
+    pass  # keeps the connection open and silent
+
+
+def answer_garbage(conn: socket.socket) -> None:
+    conn.recv(1024)
+    conn.sendall(b"this is not json\n")
+
+
+def refuse(conn: socket.socket) -> None:  # what a daemon says to a peer not in socket.allowed_uids
+    conn.sendall(b'{"id":null,"event":"error","code":"forbidden","message":"uid 1000 (gid 1000) may not use '
+                 b'this socket (socket.allowed_uids / allowed_gids)"}\n')
+    conn.close()
+
+
+def answer_an_array(conn: socket.socket) -> None:
+    conn.recv(1024)
+    conn.sendall(b"[1, 2]\n")
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[Callable[[Callable[[socket.socket], None]], Path]]:
+    made: list[FakeDaemon] = []
+
+    def start(behave: Callable[[socket.socket], None]) -> Path:
+        path = tmp_path / f"fake-{len(made)}.sock"
+        made.append(FakeDaemon(path, behave))
+        return path
+
+    yield start
+    for daemon in made:
+        daemon.close()
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args], capture_output=True, text=True, timeout=timeout, cwd=str(REPO)
+    )
+
+
+@pytest.mark.parametrize(
+    ("behave", "message"),
+    [
+        (close_at_once, "connection"),
+        (read_then_close, "connection closed by the daemon"),
+        (answer_garbage, "not JSON"),
+        (answer_an_array, "not an event"),
+        (refuse, "error [forbidden]: uid 1000 (gid 1000) may not use this socket"),
+    ],
+)
+def test_status_against_a_daemon_that_closes_or_talks_nonsense(
+    fake: Callable[[Callable[[socket.socket], None]], Path], behave: Callable[[socket.socket], None], message: str
+) -> None:
+    done = run_cli("status", "--socket", str(fake(behave)), "--timeout", "5")
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert done.stderr.startswith("edgellm: ") and message in done.stderr
+
+
+def test_status_against_a_daemon_that_never_answers(fake: Callable[[Callable[[socket.socket], None]], Path]) -> None:
+    done = run_cli("status", "--socket", str(fake(never_answer)), "--timeout", "0.5")
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr
+    assert "edgellm: no answer from the daemon within 0.5 s" in done.stderr
+
+
+def test_status_has_a_default_timeout(fake: Callable[[Callable[[socket.socket], None]], Path]) -> None:
+    """Without --timeout a stuck daemon does not hang `edgellm status` forever."""
+    done = run_cli("status", "--socket", str(fake(never_answer)), timeout=60.0)
+    assert done.returncode == 1 and "no answer from the daemon within 10 s" in done.stderr
+
+
+def test_ask_against_a_daemon_that_closes_early(fake: Callable[[Callable[[socket.socket], None]], Path]) -> None:
+    done = run_cli("ask", "hi", "--socket", str(fake(read_then_close)), "--timeout", "5")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "connection closed by the daemon" in done.stderr
