@@ -34,6 +34,21 @@ def _model_settings(cfg: Config) -> tuple[Any, ...]:
     return (cfg.model, cfg.engine)
 
 
+def _configured_model_name(cfg: Config) -> str | None:
+    """The name the engine reports once loaded (GGUF `general.name`, else the file name's stem),
+    read from the file's header before loading: Home Assistant's device is announced once with it."""
+    try:
+        from daemon.models import resolve_model_path
+        from daemon.sensors import _gguf_metadata
+
+        path = resolve_model_path(cfg.model, cfg.state_dir)
+        with path.open("rb") as f:
+            name = _gguf_metadata(f).get("general.name")
+    except Exception:
+        return None  # the transport falls back to the name in the status once the model is loaded
+    return name if isinstance(name, str) and name else path.stem
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
         self.cfg = replace(cfg, state_dir=state_dir(cfg.state_dir))
@@ -120,7 +135,10 @@ class Daemon:
         if self.cfg.mqtt.enabled:
             from daemon.transports.mqtt import MqttTransport
 
-            self.mqtt = MqttTransport(self.cfg.mqtt, self.worker, state_dir=self.cfg.state_dir, version=__version__)
+            self.mqtt = MqttTransport(
+                self.cfg.mqtt, self.worker, state_dir=self.cfg.state_dir, version=__version__,
+                model_name=_configured_model_name(self.cfg),
+            )
             self.mqtt.start()
 
     def _start_governor(self) -> None:
@@ -217,7 +235,10 @@ class Daemon:
         elif self.mqtt is None and new.mqtt.enabled:
             from daemon.transports.mqtt import MqttTransport
 
-            self.mqtt = MqttTransport(new.mqtt, self.worker, state_dir=new.state_dir, version=__version__)
+            self.mqtt = MqttTransport(
+                new.mqtt, self.worker, state_dir=new.state_dir, version=__version__,
+                model_name=_configured_model_name(new),
+            )
             self.mqtt.start()
         log.info("config.reloaded", source=new.source)
 

@@ -8,8 +8,8 @@ from typing import Any
 import jinja2
 import pytest
 
-from daemon.homeassistant import MAX_STATE_CHARS, discovery_messages, removal_messages
-from daemon.mqtt_topics import make_topics
+from daemon.transports.mqtt.homeassistant import MAX_STATE_CHARS, discovery_messages, removal_messages
+from daemon.transports.mqtt.topics import make_topics
 
 TOPICS = make_topics("attic", "", "ignored")
 
@@ -82,7 +82,9 @@ def test_status_sensor_templates_render_from_the_status_payload() -> None:
 )
 def test_last_answer_state_is_the_answer_cut_to_255_characters(answer: dict[str, Any], expected: str) -> None:
     config = configs()["homeassistant/sensor/edgellm_attic/last_answer/config"]
-    assert config["state_topic"] == config["json_attributes_topic"] == "edgellm/attic/ha/answer"
+    assert config["state_topic"] == "edgellm/attic/ha/answer"
+    # Issue 12.4: the attributes come bounded from their own topic (the full answer stays on ha/answer).
+    assert config["json_attributes_topic"] == "edgellm/attic/ha/answer/attributes"
     assert render(config["value_template"], answer) == expected
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from daemon.config import GenerationConfig
-from daemon.mqtt_topics import (
+from daemon.protocol import EdgeError, Request
+from daemon.transports.mqtt.topics import (
     Accepted,
     Backoff,
     Rejected,
@@ -24,7 +25,6 @@ from daemon.mqtt_topics import (
     sanitize_node_id,
     shared_filter,
 )
-from daemon.protocol import EdgeError, Request
 
 TOPICS = make_topics("", "", "pi")
 DEFAULTS = GenerationConfig()
