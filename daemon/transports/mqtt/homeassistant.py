@@ -19,9 +19,9 @@ from daemon.transports.mqtt.topics import Topics
 # A Home Assistant state is at most 255 characters.
 MAX_STATE_CHARS = 255
 # Home Assistant's recorder drops state attributes above 16,384 bytes (JSON) and adds its own
-# (friendly_name, icon): the last answer's attributes are kept to half of that. The full answer is
-# always the payload of `<prefix>/ha/answer`.
-MAX_ATTRIBUTES_BYTES = 8192
+# (friendly_name, icon); the last answer's attributes are kept to a quarter of that (about 4,000
+# characters of text, some 700 words). The full answer is always the payload of `<prefix>/ha/answer`.
+MAX_ATTRIBUTES_BYTES = 4096
 # Every state the daemon reports (docs/protocol.md); the state sensor is an `enum` of these.
 WORKER_STATES = ("loading", "ready", "idle", "unavailable", "draining", "stopped")
 
