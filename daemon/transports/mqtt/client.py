@@ -178,6 +178,14 @@ class PahoClient:
             log.error("mqtt.publish_failed", topic=topic, rc=int(info.rc))
         return Sent(ok, info.mid, offline)
 
+    def drop_connection(self) -> None:
+        """Close the connection under paho (it reconnects by itself, same persistent session), so
+        the broker sends again every message we never acknowledged."""
+        shutdown = getattr(self._paho.socket(), "shutdown", None)  # a TCP, TLS or Unix socket
+        if shutdown is not None:
+            with contextlib.suppress(OSError):
+                shutdown(socket.SHUT_RDWR)
+
     def ack(self, mid: int, qos: int) -> None:
         if qos > 0:
             self._paho.ack(mid, qos)

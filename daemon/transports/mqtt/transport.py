@@ -7,10 +7,13 @@ inbox and alone touches the state: the delivery ledger (`ledger.py`), the fleet 
 plain values for the status section. `start`, `stop`, `reconfigure` post calls to the dispatcher
 and wait for them.
 
-The inbox holds at most `INBOX_MAX` items. A message that does not fit is refused: logged,
+The inbox holds at most `INBOX_MAX` messages. A message that does not fit is refused: logged,
 counted (`inbox_refused`), and never acknowledged, so a QoS 1 message stays in our session at the
-broker and comes back after the next reconnect (docs/mqtt.md, "Overload"). Backend events always
-fit (they are bounded by the requests in progress, which the queue bounds).
+broker; once the inbox has drained to half, the transport drops the connection (paho reconnects
+at once to the same session; at most once per `REDELIVERY_MIN_INTERVAL_S`) so the broker sends it
+again (docs/mqtt.md, "Overload"). A refused
+QoS 0 message is gone, as QoS 0 allows. Backend events, PUBACKs and calls always fit: they are
+bounded by the requests in progress, which the queue bounds.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ log = structlog.get_logger(__name__)
 JOURNAL_FILE = "mqtt-journal.sqlite3"
 # The dispatcher's inbox: messages beyond this are refused (unacked, so the broker keeps them).
 INBOX_MAX = 10_000
+# At most one reconnect-for-redelivery (of messages the full inbox refused) per this many seconds.
+REDELIVERY_MIN_INTERVAL_S = 5.0
 # How often answers the journal could not take are tried again.
 JOURNAL_RETRY_S = 1.0
 # Of `stop()`'s time, what the end needs: `offline` PUBACKed, DISCONNECT sent.
@@ -101,6 +106,7 @@ class _Counters:
     received: int = 0
     rejected: int = 0
     inbox_refused: int = 0
+    redelivery_reconnects: int = 0
     reconnects: int = 0
     connects: int = 0
 
@@ -150,6 +156,8 @@ class MqttTransport:
         self._inbox: queue.Queue[ClientItem | _Work] = queue.Queue()
         self._inbox_size = 0
         self._inbox_lock = threading.Lock()
+        self._redeliver_wanted = False  # a refused QoS 1 message waits in our session at the broker
+        self._last_redelivery = -1e9
         self._thread: threading.Thread | None = None
         self._client: PahoClient | None = None
         self._journal: Journal | None = None
@@ -274,6 +282,7 @@ class MqttTransport:
             if not must and isinstance(item, MessageIn) and self._inbox_size >= INBOX_MAX:
                 self.counters.inbox_refused += 1
                 refused = self.counters.inbox_refused
+                self._redeliver_wanted = self._redeliver_wanted or item.message.qos > 0
             else:
                 self._inbox_size += 1
                 refused = 0
@@ -316,11 +325,28 @@ class MqttTransport:
             except Exception:
                 # A bug in handling one item must not take the door down.
                 log.exception("mqtt.dispatch_failed", item=type(item).__name__)
+            self._redeliver_refused()
             # Before a caller wakes: `stop()` reads `_idle` right after its call returns.
             busy = not self.ledger.idle() or self.fleet.busy()
             (self._idle.clear if busy else self._idle.set)()
             if isinstance(item, _Work) and item.kind == "call":
                 item.args[1].set()
+
+    def _redeliver_refused(self) -> None:
+        """The inbox refused QoS 1 messages and has drained to half: have the broker send them again."""
+        now = self._clock()
+        with self._inbox_lock:
+            due = (
+                self._redeliver_wanted and self._inbox_size <= INBOX_MAX // 2
+                and now - self._last_redelivery >= REDELIVERY_MIN_INTERVAL_S
+            )
+            if due:
+                self._redeliver_wanted = False
+                self._last_redelivery = now
+        if due and self._client is not None and not self._stopping:
+            self.counters.redelivery_reconnects += 1
+            log.warning("mqtt.reconnect_for_redelivery", refused=self.counters.inbox_refused)
+            self._client.drop_connection()
 
     def _handle(self, item: ClientItem | _Work) -> None:
         if isinstance(item, _Work):
