@@ -517,3 +517,9 @@ def test_governor_rules_between_keys_are_config_errors(tmp_path: Path) -> None:
     errors = errors_of(path)
     assert f"{path}: governor.warm_c: must hold warm_c < hot_c < critical_c (got 80, 78, 83)" in errors
     assert all(e.startswith(f"{path}: governor.") for e in errors)
+
+
+def test_allow_reply_to_takes_topic_filters_and_refuses_dollar_topics(tmp_path: Path) -> None:
+    path = write(tmp_path, '[mqtt]\nallow_reply_to = ["edgellm/hub/#", "$SYS/#", "a/b#"]\n')
+    errors = errors_of(path)
+    assert [e.split(": ")[1] for e in errors] == ["mqtt.allow_reply_to[1]", "mqtt.allow_reply_to[2]"], errors

@@ -100,6 +100,10 @@ class Presence:
             return self.discovery(status)
         return []
 
+    def mark_dirty(self) -> None:
+        """Publish the status soon (a reload changed what it shows)."""
+        self._dirty = True
+
     def due(self, status: dict[str, Any], now: float) -> list[Message]:
         """The status, if a change or the period calls for it (never `stopped` while online)."""
         if not self.connected:

@@ -885,7 +885,7 @@ class MqttTransport:
                 cfg.homeassistant.enabled, cfg.homeassistant.prefix, self.backend.status()
             ))
         self._sync_subscriptions()
-        self.presence.on_state({})
+        self.presence.mark_dirty()
 
     def _reconnect_with(self, cfg: MqttConfig) -> None:
         """Connection settings changed: say `offline` on the old connection, open a new one, and
