@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import queue
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -34,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import paho.mqtt.client as paho
 import structlog
 
-from daemon.journal import Journal
 from daemon.protocol import Code, EdgeError, ErrorEvent, Event, Origin
 from daemon.transports.mqtt import homeassistant
 from daemon.transports.mqtt.client import (
@@ -59,6 +57,7 @@ from daemon.transports.mqtt.fleet import (
 )
 from daemon.transports.mqtt.ledger import Ack, Command, Delivery, Entry, Ledger, Publish, Submit, WriteJournal
 from daemon.transports.mqtt.presence import Message, Presence
+from daemon.transports.mqtt.store import AnswerStore
 from daemon.transports.mqtt.topics import (
     Accepted,
     Route,
@@ -81,7 +80,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-JOURNAL_FILE = "mqtt-journal.sqlite3"
 # The dispatcher's inbox: messages beyond this are refused (unacked, so the broker keeps them).
 INBOX_MAX = 10_000
 # At most one reconnect-for-redelivery (of messages the full inbox refused) per this many seconds.
@@ -109,6 +107,16 @@ class _Counters:
     redelivery_reconnects: int = 0
     reconnects: int = 0
     connects: int = 0
+
+
+@dataclass(frozen=True)
+class _Gauges:
+    """The ledger's sizes for the status section, replaced whole by the dispatcher after each item
+    (the ledger itself is the dispatcher's alone)."""
+
+    inflight: int = 0
+    buffered: int = 0
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ class MqttTransport:
         self._last_redelivery = -1e9
         self._thread: threading.Thread | None = None
         self._client: PahoClient | None = None
-        self._journal: Journal | None = None
+        self.store = AnswerStore(state_dir, max_entries=cfg.journal_max_entries, max_age_s=cfg.journal_max_age_s)
         self.counters = _Counters()
         # Dispatcher-owned state.
         self.ledger = Ledger(cfg.offline_buffer)
@@ -183,15 +191,14 @@ class MqttTransport:
         # Read from other threads (status section); plain values, written by the dispatcher.
         self._connected = False
         self._setup_error: str | None = None
-        self._journal_entries = 0
-        self._journal_error: str | None = None
+        self._gauges = _Gauges()
         self._idle = threading.Event()
         self._idle.set()
 
     # --- lifecycle (called by the service) -------------------------------------------------
 
     def start(self) -> None:
-        self._journal = self._open_journal()
+        self.store.open()
         self.backend.add_status_section("mqtt", self.status_section)
         self.backend.add_state_listener(self._on_backend_state)
         self._thread = threading.Thread(target=self._dispatch_forever, name="mqtt-dispatch", daemon=True)
@@ -229,8 +236,7 @@ class MqttTransport:
         self._inbox.put(_Work("quit", ()))
         thread.join(5.0)
         self.backend.remove_status_section("mqtt")
-        if self._journal is not None:
-            self._journal.close()
+        self.store.close()
         log.info("mqtt.stopped", inflight_left=self.ledger.inflight)
 
     def _wait_idle(self, until: float) -> None:
@@ -260,11 +266,11 @@ class MqttTransport:
                 "enabled": self.cfg.fleet.enabled,
                 "member": shared_filter(self.cfg.fleet.group, self.cfg.fleet.topic) in self._subscribed,
             },
-            "inflight": self.ledger.inflight,
-            "offline_buffered": self.ledger.buffered,
+            "inflight": self._gauges.inflight,
+            "offline_buffered": self._gauges.buffered,
             "offline_buffer": self.cfg.offline_buffer,
-            "journal_entries": self._journal_entries,
-            "journal": {"ok": self._journal_error is None, "error": self._journal_error, "held": self.ledger.held},
+            "journal_entries": self.store.entries,
+            "journal": {"ok": self.store.error is None, "error": self.store.error, "held": self._gauges.held},
             "inbox": {"depth": self._inbox_size, "max": INBOX_MAX},
             **dataclasses.asdict(self.counters),
             **dataclasses.asdict(ledger),
@@ -327,6 +333,7 @@ class MqttTransport:
                 log.exception("mqtt.dispatch_failed", item=type(item).__name__)
             self._redeliver_refused()
             # Before a caller wakes: `stop()` reads `_idle` right after its call returns.
+            self._gauges = _Gauges(self.ledger.inflight, self.ledger.buffered, self.ledger.held)
             busy = not self.ledger.idle() or self.fleet.busy()
             (self._idle.clear if busy else self._idle.set)()
             if isinstance(item, _Work) and item.kind == "call":
@@ -479,54 +486,11 @@ class MqttTransport:
 
     # --- journal ------------------------------------------------------------------------------
 
-    def _open_journal(self) -> Journal | None:
-        try:
-            journal = Journal(
-                self.state_dir / JOURNAL_FILE,
-                max_entries=self.cfg.journal_max_entries,
-                max_age_s=self.cfg.journal_max_age_s,
-            )
-            self._journal_entries = journal.count()
-        except (sqlite3.Error, OSError) as exc:
-            self._journal_failed("mqtt.journal_unavailable", exc)
-            return None
-        return journal
-
-    def _journal_failed(self, event: str, exc: BaseException, **fields: Any) -> None:
-        error = f"{type(exc).__name__}: {exc}"
-        if error != self._journal_error:
-            log.error(
-                event, path=str(self.state_dir / JOURNAL_FILE), error=error, **fields,
-                action="QoS 1 answers are held unacknowledged until the journal can be written",
-                hint="free space in or fix the permissions of state_dir",
-            )
-        self._journal_error = error
-        self._journal_retry_at = self._clock() + JOURNAL_RETRY_S
-
     def _journal_put(self, command: WriteJournal) -> bool:
-        if self._journal is None:
-            self._journal = self._open_journal()
-            if self._journal is None:
-                return False
-        try:
-            self._journal.put(command.request_id, command.event)
-            self._journal_entries = self._journal.count()
-        except (sqlite3.Error, OSError) as exc:
-            self._journal_failed("mqtt.journal_write_failed", exc, id=command.request_id)
-            return False
-        if self._journal_error is not None:
-            log.info("mqtt.journal_recovered", held=self.ledger.held)
-            self._journal_error = None
-        return True
-
-    def _journal_get(self, request_id: str) -> dict[str, Any] | None:
-        if self._journal is None:
-            return None
-        try:
-            return self._journal.get(request_id)
-        except (sqlite3.Error, OSError, ValueError):
-            log.exception("mqtt.journal_read_failed", id=request_id)
-            return None
+        ok = self.store.put(command.request_id, command.event, held=self._gauges.held)
+        if not ok:
+            self._journal_retry_at = self._clock() + JOURNAL_RETRY_S
+        return ok
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -605,7 +569,7 @@ class MqttTransport:
         if client is None or not self._connected:
             return
         wanted = self._wanted_subscriptions()
-        remembered = set(self._journal_meta() or [])
+        remembered = self.store.subscriptions()
         stale = (remembered | self._subscribed) - wanted
         new = wanted - self._subscribed
         if stale:
@@ -615,19 +579,8 @@ class MqttTransport:
             client.subscribe(sorted(new))
             log.info("mqtt.subscribed", filters=sorted(new))
         self._subscribed = wanted
-        if self._journal is not None and remembered != wanted:
-            try:
-                self._journal.set_meta("subscriptions", sorted(wanted))
-            except (sqlite3.Error, OSError) as exc:
-                log.warning("mqtt.journal_meta_failed", error=str(exc))
-
-    def _journal_meta(self) -> Any:
-        if self._journal is None:
-            return None
-        try:
-            return self._journal.get_meta("subscriptions")
-        except (sqlite3.Error, OSError, ValueError):
-            return None
+        if remembered != wanted:
+            self.store.remember_subscriptions(wanted)
 
     # --- incoming messages --------------------------------------------------------------------
 
@@ -689,7 +642,7 @@ class MqttTransport:
             self._run(self.ledger.answer_once(delivery, [decision.route], decision.error.to_dict()))
             return
         request, route = decision.request, decision.route
-        stored = self._journal_get(request.id)
+        stored = self.store.get(request.id)
         if stored is not None:
             log.info("mqtt.request_replayed", id=request.id, dup=bool(msg.dup), to=route.topic)
         elif self.ledger.in_progress(request.id) is not None:
@@ -873,8 +826,7 @@ class MqttTransport:
         self.presence.status_interval_s = cfg.status_interval_s
         if self._client is not None:
             self._client.set_backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
-        if self._journal is not None:
-            self._journal.set_limits(cfg.journal_max_entries, cfg.journal_max_age_s)
+        self.store.set_limits(cfg.journal_max_entries, cfg.journal_max_age_s)
         log.info("mqtt.reconfigured", changed=sorted(changed))
         if changed - _LIVE_KEYS or self._client is None:
             self._reconnect_with(cfg)
