@@ -75,6 +75,17 @@ def _check_topic_prefix(value: Any) -> str | None:
     return None
 
 
+def _check_topic_filter(value: str) -> str | None:
+    # A destination pattern: an MQTT topic filter, never one for the broker's `$` topics.
+    levels = value.split("/")
+    if not value or "\0" in value or value.startswith("$"):
+        return f"must be a non-empty MQTT topic filter not starting with '$' (got {_show(value)})"
+    for i, level in enumerate(levels):
+        if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
+            return f"'+' must be a whole level and '#' the whole last level (got {_show(value)})"
+    return None
+
+
 def _meta(
     *,
     min: float | None = None,
@@ -224,6 +235,9 @@ class MqttConfig:
     journal_max_age_s: float = field(default=86400.0, metadata=_meta(min=1.0, max=365 * 86400.0))
     reconnect_min_s: float = field(default=1.0, metadata=_meta(min=0.1, max=3600.0))
     reconnect_max_s: float = field(default=60.0, metadata=_meta(min=0.1, max=86400.0))
+    # MQTT topic filters a client may name as its answer's destination although they are protected
+    # (the edgellm/ tree, this node's prefix, the fleet topic, the Home Assistant prefix).
+    allow_reply_to: tuple[str, ...] = ()
     tls: MqttTlsConfig = field(default_factory=MqttTlsConfig)
     fleet: MqttFleetConfig = field(default_factory=MqttFleetConfig)
     homeassistant: MqttHomeAssistantConfig = field(default_factory=MqttHomeAssistantConfig)
@@ -498,6 +512,10 @@ def _cross_checks(cfg: Config, ctx: _Context) -> Config:
             "mqtt.reconnect_min_s",
             f"must be <= mqtt.reconnect_max_s (got {_num(mqtt.reconnect_min_s)} > {_num(mqtt.reconnect_max_s)})",
         )
+    for index, pattern in enumerate(mqtt.allow_reply_to):
+        problem = _check_topic_filter(pattern)
+        if problem:
+            ctx.error(f"mqtt.allow_reply_to[{index}]", problem)
     if mqtt.tls.key_file and not mqtt.tls.cert_file:
         ctx.error("mqtt.tls.key_file", "needs mqtt.tls.cert_file (the certificate the key belongs to)")
     if mqtt.transport == "unix":

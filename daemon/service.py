@@ -34,6 +34,20 @@ def _model_settings(cfg: Config) -> tuple[Any, ...]:
     return (cfg.model, cfg.engine)
 
 
+def _configured_model_name(cfg: Config) -> str | None:
+    """The name the engine reports once loaded (GGUF `general.name`, else the file name's stem),
+    read from the file's header before loading: Home Assistant's device is announced once with it."""
+    try:
+        from daemon.gguf import read_header
+        from daemon.models import resolve_model_path
+
+        path = resolve_model_path(cfg.model, cfg.state_dir)
+        name = read_header(path, tensors=False).metadata.get("general.name")
+    except Exception:
+        return None  # the transport falls back to the name in the status once the model is loaded
+    return name if isinstance(name, str) and name else path.stem
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
         self.cfg = replace(cfg, state_dir=state_dir(cfg.state_dir))
@@ -127,10 +141,16 @@ class Daemon:
         self.socket_server = UnixSocketServer(socket_cfg, self.worker, loop, limits=lambda: self.cfg.limits)
         await self.socket_server.start(inherited[0] if inherited else None)
         if self.cfg.mqtt.enabled:
-            from daemon.transports.mqtt import MqttTransport
+            self._start_mqtt(self.cfg)
 
-            self.mqtt = MqttTransport(self.cfg.mqtt, self.worker, state_dir=self.cfg.state_dir, version=__version__)
-            self.mqtt.start()
+    def _start_mqtt(self, cfg: Config) -> None:
+        from daemon.transports.mqtt import MqttTransport
+
+        self.mqtt = MqttTransport(
+            cfg.mqtt, self.worker, state_dir=cfg.state_dir, version=__version__,
+            model_name=_configured_model_name(cfg), limits=lambda: self.cfg.limits,
+        )
+        self.mqtt.start()
 
     def _start_governor(self) -> None:
         if not self.cfg.governor.enabled:
@@ -221,10 +241,7 @@ class Daemon:
                 await asyncio.get_running_loop().run_in_executor(None, self.mqtt.stop, True)
                 self.mqtt = None
         elif self.mqtt is None and new.mqtt.enabled:
-            from daemon.transports.mqtt import MqttTransport
-
-            self.mqtt = MqttTransport(new.mqtt, self.worker, state_dir=new.state_dir, version=__version__)
-            self.mqtt.start()
+            self._start_mqtt(new)
         log.info("config.reloaded", source=new.source)
 
     def _reload_governor(self, new: Config) -> None:

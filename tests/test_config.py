@@ -575,3 +575,9 @@ def test_config_imports_neither_the_governor_nor_the_engine() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_allow_reply_to_takes_topic_filters_and_refuses_dollar_topics(tmp_path: Path) -> None:
+    path = write(tmp_path, '[mqtt]\nallow_reply_to = ["edgellm/hub/#", "$SYS/#", "a/b#"]\n')
+    errors = errors_of(path)
+    assert [e.split(": ")[1] for e in errors] == ["mqtt.allow_reply_to[1]", "mqtt.allow_reply_to[2]"], errors

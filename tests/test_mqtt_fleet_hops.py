@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from daemon.mqtt_topics import (
+from daemon.protocol import Code
+from daemon.transports.mqtt.topics import (
     FLEET_HOPS_PROPERTY,
     FLEET_MAX_HOPS,
     fleet_hops,
     handoff_user_properties,
     should_bounce,
 )
-from daemon.protocol import Code
 
 
 def test_fleet_hops_reads_the_user_property_and_tolerates_junk() -> None:

@@ -8,8 +8,15 @@ from typing import Any
 import jinja2
 import pytest
 
-from daemon.homeassistant import MAX_STATE_CHARS, discovery_messages, removal_messages
-from daemon.mqtt_topics import make_topics
+from daemon.transports.mqtt.homeassistant import (
+    MAX_ATTRIBUTES_BYTES,
+    MAX_STATE_CHARS,
+    answer_attributes,
+    discovery_messages,
+    removal_messages,
+)
+from daemon.transports.mqtt.presence import Presence
+from daemon.transports.mqtt.topics import make_topics
 
 TOPICS = make_topics("attic", "", "ignored")
 
@@ -82,7 +89,9 @@ def test_status_sensor_templates_render_from_the_status_payload() -> None:
 )
 def test_last_answer_state_is_the_answer_cut_to_255_characters(answer: dict[str, Any], expected: str) -> None:
     config = configs()["homeassistant/sensor/edgellm_attic/last_answer/config"]
-    assert config["state_topic"] == config["json_attributes_topic"] == "edgellm/attic/ha/answer"
+    assert config["state_topic"] == "edgellm/attic/ha/answer"
+    # Issue 12.4: the attributes come bounded from their own topic (the full answer stays on ha/answer).
+    assert config["json_attributes_topic"] == "edgellm/attic/ha/answer/attributes"
     assert render(config["value_template"], answer) == expected
 
 
@@ -90,3 +99,34 @@ def test_removal_messages_are_empty_payloads_on_the_same_topics() -> None:
     removal = removal_messages("homeassistant", TOPICS)
     assert {m.topic for m in removal} == set(configs())
     assert all(m.payload == b"" for m in removal)
+
+
+@pytest.mark.parametrize("text", ["a" * 100_000, "é😀\x01\"\\" * 20_000, ""])
+def test_answer_attributes_stay_under_the_bound_and_keep_a_prefix_of_the_text(text: str) -> None:
+    event = {"id": "ha-1", "event": "done", "text": text, "usage": {"completion_tokens": 9}, "seq": 1}
+    payload = answer_attributes(event, "edgellm/attic/ha/answer")
+    shown = json.loads(payload)
+    assert len(payload) <= MAX_ATTRIBUTES_BYTES
+    assert text.startswith(shown["text"]) and shown["text_chars"] == len(text)
+    assert shown["text_truncated"] == (shown["text"] != text)
+    assert shown["usage"] == {"completion_tokens": 9} and "seq" not in shown
+    if len(text) > MAX_ATTRIBUTES_BYTES:
+        assert len(payload) > MAX_ATTRIBUTES_BYTES * 0.8  # cut close to the bound, not to nothing
+
+
+def test_presence_says_the_fresh_state_before_online_and_stopped_only_after_offline() -> None:
+    presence = Presence(TOPICS, version="v", model_name="gemma", status_interval_s=60, ha_enabled=True,
+                        ha_prefix="homeassistant")
+    first = presence.on_connected({"state": "loading", "model": None}, now=0.0)
+    topics = [m.topic for m in first]
+    assert topics[:2] == ["edgellm/attic/status", "edgellm/attic/availability"]
+    assert {json.loads(m.payload)["device"]["model"] for m in first[2:]} == {"gemma"}
+    # Loaded under the name it was announced with: no second device update.
+    assert presence.on_state({"state": "ready", "model": {"name": "gemma"}}) == []
+    assert presence.due({"state": "stopped"}, now=5.0) == []
+    last = presence.stopping({"state": "stopped"}, now=6.0)
+    assert [(m.topic, m.payload[:20]) for m in last] == [
+        ("edgellm/attic/availability", b"offline"), ("edgellm/attic/status", b'{"state":"stopped"}')
+    ]
+    # Another model after a reload: the device really changed, announce it again.
+    assert len(presence.on_state({"state": "ready", "model": {"name": "qwen"}})) == 5

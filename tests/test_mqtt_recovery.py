@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon.mqtt_topics import FLEET_HOPS_PROPERTY, FLEET_MAX_HOPS
+from daemon.transports.mqtt.topics import FLEET_HOPS_PROPERTY, FLEET_MAX_HOPS
 from tests.helpers import DaemonProcess, merge, write_config
 from tests.mqtt_broker import MosquittoBroker, Probe, free_port
 from tests.test_mqtt_daemon import ONCE, mqtt_overrides, start_daemon, wait_online

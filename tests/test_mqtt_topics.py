@@ -7,7 +7,8 @@ import json
 import pytest
 
 from daemon.config import GenerationConfig
-from daemon.mqtt_topics import (
+from daemon.protocol import EdgeError, Request
+from daemon.transports.mqtt.topics import (
     Accepted,
     Backoff,
     Rejected,
@@ -18,13 +19,14 @@ from daemon.mqtt_topics import (
     ha_prompt_request,
     interpret_request,
     is_topic_name,
+    make_destinations,
     make_topics,
     parse_cancel,
     route_for,
     sanitize_node_id,
     shared_filter,
+    topic_matches,
 )
-from daemon.protocol import EdgeError, Request
 
 TOPICS = make_topics("", "", "pi")
 DEFAULTS = GenerationConfig()
@@ -271,3 +273,33 @@ def test_backoff_jitter_spreads_a_fleet() -> None:
     many = Backoff(0.1, 60.0, rand=rng.random)
     for _ in range(100):
         assert many.next_delay() <= 60.0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "match"),
+    [
+        ("a/#", "a/b/c", True), ("a/#", "a", True), ("a/+/c", "a/b/c", True), ("a/+", "a/b/c", False),
+        ("#", "$SYS/x", False), ("+/x", "$SYS/x", False), ("a/b", "a/b", True), ("a/b", "a/b/c", False),
+    ],
+)
+def test_topic_matches_follows_mqtt_filter_rules(pattern: str, topic: str, match: bool) -> None:
+    assert topic_matches(pattern, topic) is match
+
+
+def test_destinations_protect_sys_other_nodes_own_control_topics_and_home_assistant() -> None:
+    policy = make_destinations(TOPICS, fleet_topic="fleet/req", ha_prefix="homeassistant",
+                               allow_reply_to=["edgellm/hub/inbox/#"])
+    refused = ["$SYS/x", "edgellm/other/response/1", "edgellm/pi/request", "edgellm/pi/status", "fleet/req",
+               "homeassistant/switch/x/config", "a/+/b", "a/#"]
+    allowed = ["edgellm/pi/response/1", "edgellm/hub/inbox/7", "devices/kitchen/answer", "my/inbox"]
+    assert [t for t in refused if policy.refusal(t) is None] == []
+    assert [t for t in allowed if policy.refusal(t) is not None] == []
+
+
+def test_a_refused_reply_to_is_invalid_request_answered_on_the_default_topic() -> None:
+    payload = json.dumps({"id": "r1", "prompt": "hi", "reply_to": "$SYS/broker/x"}).encode()
+    decision = interpret_request(payload, TOPICS, DEFAULTS, max_payload_bytes=LIMIT,
+                                 destinations=make_destinations(TOPICS))
+    assert isinstance(decision, Rejected)
+    assert decision.error.code == "invalid_request" and decision.error.message.startswith("reply_to: '$SYS")
+    assert decision.route.topic == "edgellm/pi/response/r1"

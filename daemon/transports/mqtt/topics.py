@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Union
 
 from daemon.protocol import (
+    DEFAULT_LIMITS,
     Code,
     EdgeError,
     ErrorEvent,
+    Limits,
     Request,
     parse_json_object,
     parse_request,
@@ -137,6 +139,11 @@ class Topics:
         """Retained: the last answer to a Home Assistant prompt (the last-answer sensor reads it)."""
         return f"{self.prefix}/ha/answer"
 
+    @property
+    def ha_answer_attributes(self) -> str:
+        """Retained: the last answer cut to fit Home Assistant's attribute limit (the sensor's attributes)."""
+        return f"{self.prefix}/ha/answer/attributes"
+
     def response(self, request_id: str) -> str:
         return f"{self.prefix}/response/{request_id}"
 
@@ -162,6 +169,64 @@ class Route:
 
     topic: str
     correlation: bytes | None = None
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT filter matching (`+` one level, `#` the rest); a wildcard never matches a `$` topic."""
+    if topic.startswith("$") and pattern[:1] in ("+", "#"):
+        return False
+    p_levels, t_levels = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(p_levels):
+        if level == "#":
+            return True
+        if i >= len(t_levels) or (level != "+" and level != t_levels[i]):
+            return False
+    return len(p_levels) == len(t_levels)
+
+
+# Every node's topics live under `edgellm/<node_id>/` by default: no client may route answers there.
+EDGELLM_ROOT = "edgellm"
+
+
+@dataclass(frozen=True)
+class Destinations:
+    """Which topics a client may name as its answer's destination (Response Topic or `reply_to`).
+
+    The daemon publishes with its own broker rights, so a client must not borrow them to write
+    where it could not. Refused always: `$` topics (`$SYS`, `$share`), wildcards, NUL. Refused
+    unless a pattern of `mqtt.allow_reply_to` matches: the `edgellm/` tree (every node's topics,
+    the fleet topic), this node's own prefix, the fleet topic and the Home Assistant discovery
+    prefix. Allowed always: this node's `<prefix>/response/…`. Anything else is the client's own.
+    """
+
+    own_prefix: str
+    protected: tuple[str, ...] = ()
+    allowed: tuple[str, ...] = ()
+
+    def refusal(self, topic: str) -> str | None:
+        """Why `topic` may not be a destination, or None if it may."""
+        if not is_topic_name(topic):
+            return "must be an MQTT topic name without wildcards or NUL"
+        if topic.startswith("$"):
+            return "must not start with '$' (broker topics such as $SYS)"
+        if topic.startswith(f"{self.own_prefix}/response/"):
+            return None
+        if any(topic_matches(p, topic) for p in self.allowed):
+            return None
+        if any(topic_matches(p, topic) for p in self.protected):
+            return "is inside edgellm's or Home Assistant's topics; mqtt.allow_reply_to can allow it"
+        return None
+
+
+def make_destinations(
+    topics: Topics, *, fleet_topic: str = "", ha_prefix: str = "", allow_reply_to: Iterable[str] = ()
+) -> Destinations:
+    protected = [f"{EDGELLM_ROOT}/#", topics.prefix, f"{topics.prefix}/#"]
+    if fleet_topic:
+        protected.append(fleet_topic)
+    if ha_prefix:
+        protected.append(f"{ha_prefix}/#")
+    return Destinations(topics.prefix, tuple(protected), tuple(allow_reply_to))
 
 
 def route_for(
@@ -209,11 +274,21 @@ def interpret_request(
     response_topic: str | None = None,
     correlation: bytes | None = None,
     expiry_s: int | None = None,
+    destinations: Destinations | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Decision:
     """Turn one request message into an accepted `Request` with its route, or a structured error
-    with the best route we can find for it. Validation is the socket's (`daemon.protocol`)."""
+    with the best route we can find for it. Validation is the socket's (`daemon.protocol`).
+
+    A destination `destinations` refuses is not used, not even for the error that says so."""
+    policy = destinations or Destinations(topics.prefix)
+    refused: tuple[str, str, str] | None = None
+    if response_topic is not None and (why := policy.refusal(response_topic)) is not None:
+        refused, response_topic = ("Response Topic", response_topic, why), None
 
     def reject(exc: EdgeError, request_id: str | None, reply_to: str | None) -> Rejected:
+        if reply_to is not None and policy.refusal(reply_to) is not None:
+            reply_to = None
         route = route_for(
             topics, response_topic=response_topic, correlation=correlation, reply_to=reply_to, request_id=request_id
         )
@@ -227,12 +302,22 @@ def interpret_request(
     obj: dict[str, Any] | None = None
     try:
         obj = parse_json_object(payload)
-        request = parse_request(obj, defaults, allow_reply_to=True)
-    except EdgeError as exc:
+        request = parse_request(obj, defaults, allow_reply_to=True, limits=limits)
+    except Exception as exc:
+        # Validation's own errors, and anything else it lets escape (a bug there must still be
+        # answered on the client's route, with its id): mapped here, once.
+        error = exc if isinstance(exc, EdgeError) else EdgeError(
+            Code.INVALID_REQUEST, f"the request could not be validated ({type(exc).__name__})"
+        )
         reply_to = obj.get("reply_to") if obj is not None else None
         return reject(
-            exc, peek_id(obj) if obj is not None else None, reply_to if isinstance(reply_to, str) else None
+            error, peek_id(obj) if obj is not None else None, reply_to if isinstance(reply_to, str) else None
         )
+    if refused is None and request.reply_to is not None and (why := policy.refusal(request.reply_to)) is not None:
+        refused = ("reply_to", request.reply_to, why)
+    if refused is not None:
+        name, value, why = refused
+        return reject(EdgeError(Code.INVALID_REQUEST, f"{name}: {_short(value)} {why}"), request.id, None)
     route = route_for(
         topics, response_topic=response_topic, correlation=correlation, reply_to=request.reply_to, request_id=request.id
     )
@@ -248,6 +333,10 @@ def interpret_request(
     except EdgeError as exc:
         return Rejected(error_event(exc, request.id), route)
     return Accepted(request, route)
+
+
+def _short(text: str, limit: int = 64) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 def apply_message_expiry(request: Request, expiry_s: int | None) -> Request:
@@ -284,7 +373,10 @@ def parse_cancel(payload: bytes) -> str:
     return request_id
 
 
-def ha_prompt_request(payload: bytes, request_id: str, defaults: GenerationConfig, max_payload_bytes: int) -> Request:
+def ha_prompt_request(
+    payload: bytes, request_id: str, defaults: GenerationConfig, max_payload_bytes: int,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Request:
     """What the Home Assistant `text` entity sends (the typed text, not JSON) as a request."""
     if len(payload) > max_payload_bytes:
         raise EdgeError(
@@ -296,7 +388,7 @@ def ha_prompt_request(payload: bytes, request_id: str, defaults: GenerationConfi
         raise EdgeError(Code.INVALID_JSON, f"prompt is not valid UTF-8 (byte {exc.start})") from None
     if not text:
         raise EdgeError(Code.INVALID_REQUEST, "prompt: empty")
-    return parse_request({"id": request_id, "prompt": text}, defaults)
+    return parse_request({"id": request_id, "prompt": text}, defaults, limits=limits)
 
 
 def event_payload(event: dict[str, Any], seq: int | None = None) -> bytes:

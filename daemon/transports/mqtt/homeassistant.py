@@ -2,8 +2,9 @@
 
 One device per daemon (`edgellm <node_id>`) with four sensors (state, queue depth, tokens/s,
 last answer) and a `text` entity whose input becomes a prompt. All entities share the daemon's
-availability topic. The transport publishes these retained under `<ha_prefix>/…/config` and again
-whenever Home Assistant announces `online` on `<ha_prefix>/status`.
+availability topic. The transport publishes these retained under `<ha_prefix>/…/config` once per
+connection (with the configured model's name, known before it loads), again only when the device
+really changed, and whenever Home Assistant announces `online` on `<ha_prefix>/status`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.mqtt_topics import Topics
+from daemon.protocol import to_json_line
+from daemon.transports.mqtt.topics import Topics
 
-# A Home Assistant state is at most 255 characters; the full answer goes into the attributes.
+# A Home Assistant state is at most 255 characters.
 MAX_STATE_CHARS = 255
+# Home Assistant's recorder drops state attributes above 16,384 bytes (JSON) and adds its own
+# (friendly_name, icon); the last answer's attributes are kept to a quarter of that (about 4,000
+# characters of text, some 700 words). The full answer is always the payload of `<prefix>/ha/answer`.
+MAX_ATTRIBUTES_BYTES = 4096
+# Every state the daemon reports (docs/protocol.md); the state sensor is an `enum` of these.
+WORKER_STATES = ("loading", "ready", "idle", "unavailable", "draining", "stopped")
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ def entity_configs(topics: Topics, model_name: str | None, version: str) -> dict
             "state",
             state_topic=topics.status,
             value_template="{{ value_json.state }}",
+            device_class="enum",
+            options=list(WORKER_STATES),
             icon="mdi:brain",
         ),
         ("sensor", "queue_depth"): entity(
@@ -86,8 +96,9 @@ def entity_configs(topics: Topics, model_name: str | None, version: str) -> dict
             "last_answer",
             state_topic=topics.ha_answer,
             value_template=answer_template,
-            # Every key of the answer event (the full `text`, `usage`, `timings`) becomes an attribute.
-            json_attributes_topic=topics.ha_answer,
+            # The answer event bounded to MAX_ATTRIBUTES_BYTES (`answer_attributes`): a long answer
+            # never exceeds the recorder's limit; the full text stays on `ha/answer`.
+            json_attributes_topic=topics.ha_answer_attributes,
             icon="mdi:message-text",
         ),
         ("text", "prompt"): entity(
@@ -95,11 +106,33 @@ def entity_configs(topics: Topics, model_name: str | None, version: str) -> dict
             "prompt",
             command_topic=topics.ha_prompt,
             mode="text",
-            min=0,
+            # An empty value would be an empty prompt: Home Assistant does not send one (and the
+            # daemon ignores one that arrives, leaving the last answer alone).
+            min=1,
             max=MAX_STATE_CHARS,
             icon="mdi:message-question",
         ),
     }
+
+
+def answer_attributes(event: dict[str, Any], answer_topic: str, limit: int = MAX_ATTRIBUTES_BYTES) -> bytes:
+    """The Last answer sensor's attributes: the answer event with `text` cut so the JSON is at most
+    `limit` bytes. `text_truncated` says whether it was cut, `text_chars` how long it was,
+    `full_answer_topic` where the whole text is."""
+    attributes = {k: v for k, v in event.items() if k != "seq"}
+    text = event.get("text")
+    if not isinstance(text, str):
+        return to_json_line(attributes)[:-1]
+    attributes.update(text_chars=len(text), full_answer_topic=answer_topic)
+    cut = min(len(text), limit)
+    while True:
+        attributes.update(text=text[:cut], text_truncated=cut < len(text))
+        payload = to_json_line(attributes)[:-1]
+        over = len(payload) - limit
+        if over <= 0 or cut == 0:
+            return payload
+        # A character is 1 to 6 bytes of JSON (UTF-8, escapes): drop at least enough for `over`.
+        cut = max(0, cut - max(1, over // 6))
 
 
 def discovery_topic(ha_prefix: str, topics: Topics, component: str, object_id: str) -> str:

@@ -1,0 +1,267 @@
+"""A thin adapter over one paho client, in the shape of aiomqtt's `client.py`.
+
+Explicit lifecycle: `PahoClient(cfg, …)` builds it (raises `OSError`/`ValueError` for a broken
+setting: unreadable password file, bad TLS files), `connect()` returns at once (paho's network
+thread connects and reconnects), `close()` disconnects and joins that thread.
+
+Threads. paho's callbacks run on its network thread and only hand a small item (`Connected`,
+`Disconnected`, `MessageIn`, `PubAck`) to `deliver` (the dispatcher's inbox); nothing else is
+touched there except the reconnect backoff, which only that thread uses (`next_delay`, `reset`)
+and whose bounds the dispatcher changes under `_lock`. Every other method is called by the
+dispatcher. Credentials are handed to paho and never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from daemon.transports.mqtt.topics import Backoff
+
+if TYPE_CHECKING:
+    from daemon.config import MqttConfig
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Connected:
+    client: PahoClient
+    session_present: bool
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    client: PahoClient
+    reason: str
+
+
+@dataclass(frozen=True)
+class MessageIn:
+    client: PahoClient
+    message: paho.MQTTMessage
+
+
+@dataclass(frozen=True)
+class PubAck:
+    client: PahoClient
+    mid: int
+    reason: int  # MQTT 5 reason code (0 for 3.1.1)
+    failure: bool
+
+
+ClientItem = Union[Connected, Disconnected, MessageIn, PubAck]
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What `publish` did: `mid` to match the PUBACK; `queued_offline`: held until the reconnect."""
+
+    ok: bool
+    mid: int
+    queued_offline: bool
+
+
+def broker_name(cfg: MqttConfig) -> str:
+    return f"unix:{cfg.host}" if cfg.transport == "unix" else f"{cfg.host}:{cfg.port}"
+
+
+class PahoClient:
+    def __init__(
+        self, cfg: MqttConfig, client_id: str, will_topic: str, deliver: Callable[[ClientItem], None]
+    ) -> None:
+        if not cfg.host:
+            raise ValueError("mqtt.host is empty")
+        self.cfg = cfg
+        self.v5 = cfg.protocol == "5"
+        self._deliver = deliver
+        self._lock = threading.Lock()
+        self._backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        self._closing = False
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=None if self.v5 else False,
+            protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311,
+            transport="unix" if cfg.transport == "unix" else "tcp",
+            reconnect_on_failure=True,
+            manual_ack=True,
+        )
+        # An exception in one of our callbacks must never end paho's network thread.
+        client.suppress_exceptions = True
+        if cfg.username:
+            client.username_pw_set(cfg.username, _read_password(cfg.password_file))
+        if cfg.tls.enabled:
+            client.tls_set(
+                ca_certs=cfg.tls.ca_file or None,
+                certfile=cfg.tls.cert_file or None,
+                keyfile=cfg.tls.key_file or None,
+                cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
+            )
+            if not cfg.tls.verify:
+                client.tls_insecure_set(True)
+        client.will_set(will_topic, "offline", qos=1, retain=True)
+        client.on_connect = self._cb_connect
+        client.on_connect_fail = self._cb_connect_fail
+        client.on_disconnect = self._cb_disconnect
+        client.on_message = self._cb_message
+        client.on_publish = self._cb_publish
+        client.on_subscribe = self._cb_subscribe
+        client.on_socket_open = _disable_nagle
+        self._paho = client
+
+    # --- lifecycle (dispatcher) --------------------------------------------------------------
+
+    def connect(self) -> None:
+        cfg = self.cfg
+        port = cfg.port if cfg.transport != "unix" else 1
+        if self.v5:
+            props = _properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = cfg.session_expiry_s
+            self._paho.connect_async(cfg.host, port, keepalive=cfg.keepalive_s, clean_start=False, properties=props)
+        else:
+            self._paho.connect_async(cfg.host, port, keepalive=cfg.keepalive_s)
+        self._paho.loop_start()
+
+    def close(self) -> None:
+        self._closing = True
+        self._paho.disconnect()
+        self._paho.loop_stop()
+
+    def set_backoff(self, min_s: float, max_s: float) -> None:
+        with self._lock:
+            self._backoff.min_s, self._backoff.max_s = min_s, max(min_s, max_s)
+
+    # --- operations (dispatcher) -------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        correlation: bytes | None = None,
+        json_content: bool = True,
+        response_topic: str | None = None,
+        expiry_s: int | None = None,
+        user_properties: tuple[tuple[str, str], ...] = (),
+    ) -> Sent:
+        props = None
+        if self.v5 and (json_content or correlation or response_topic or expiry_s is not None or user_properties):
+            props = _properties(PacketTypes.PUBLISH)
+            if json_content:
+                props.ContentType = "application/json"
+            if correlation is not None:
+                props.CorrelationData = correlation
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+            if expiry_s is not None:
+                props.MessageExpiryInterval = expiry_s
+            if user_properties:
+                props.UserProperty = list(user_properties)
+        info = self._paho.publish(topic, payload, qos=1, retain=retain, properties=props)
+        ok = info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
+        offline = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN or not self._paho.is_connected()
+        if not ok:
+            log.error("mqtt.publish_failed", topic=topic, rc=int(info.rc))
+        return Sent(ok, info.mid, offline)
+
+    def drop_connection(self) -> None:
+        """Close the connection under paho (it reconnects by itself, same persistent session), so
+        the broker sends again every message we never acknowledged."""
+        shutdown = getattr(self._paho.socket(), "shutdown", None)  # a TCP, TLS or Unix socket
+        if shutdown is not None:
+            with contextlib.suppress(OSError):
+                shutdown(socket.SHUT_RDWR)
+
+    def ack(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self._paho.ack(mid, qos)
+
+    def subscribe(self, filters: list[str]) -> None:
+        self._paho.subscribe([(f, 1) for f in filters])
+
+    def unsubscribe(self, filters: list[str]) -> None:
+        self._paho.unsubscribe(filters)
+
+    # --- paho callbacks (network thread): hand over, nothing else ----------------------------
+
+    def _cb_connect(
+        self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode, props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("mqtt.connect_refused", reason=str(reason), broker=broker_name(self.cfg))
+            return
+        with self._lock:
+            self._backoff.reset()
+        self._deliver(Connected(self, bool(flags.session_present)))
+
+    def _cb_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        delay = self._next_delay()
+        log.info("mqtt.connect_failed", broker=broker_name(self.cfg), retry_in_s=round(delay, 2))
+
+    def _cb_disconnect(
+        self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason: ReasonCode, props: Any
+    ) -> None:
+        if not self._closing:
+            self._next_delay()
+        self._deliver(Disconnected(self, str(reason)))
+
+    def _next_delay(self) -> float:
+        """paho doubles its own delay without jitter; we compute each wait (`Backoff`) and hand it
+        over as both bounds, so paho's next wait is exactly ours (paho reads it on this thread)."""
+        with self._lock:
+            delay = self._backoff.next_delay()
+        with contextlib.suppress(Exception):
+            # paho types the bounds as int but only does float arithmetic with them.
+            self._paho.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        return delay
+
+    def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._deliver(MessageIn(self, msg))
+
+    def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
+        value = int(reason.value) if reason is not None else 0
+        self._deliver(PubAck(self, mid, value, bool(reason is not None and reason.is_failure)))
+
+    def _cb_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
+    ) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            log.error("mqtt.subscribe_refused", reasons=refused, hint="check the broker ACL for this client")
+
+
+def _disable_nagle(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Small packets (a token, a PUBACK) must leave at once: with Nagle's algorithm each one can
+    wait for the peer's delayed ACK, about 40 ms a hop on Linux."""
+    if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
+
+
+def message_property(msg: paho.MQTTMessage, name: str) -> Any:
+    props = msg.properties
+    return None if props is None else getattr(props, name, None)
+
+
+def _read_password(path: str) -> str | None:
+    if not path:
+        return None
+    return Path(path).read_text(encoding="utf-8").rstrip("\r\n")

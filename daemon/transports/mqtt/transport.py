@@ -1,0 +1,881 @@
+"""The MQTT door: wires the pure machines to paho, the journal and the backend.
+
+Threads. paho's network thread only hands items to one bounded inbox (`client.py`); the backend's
+sinks and state listeners do the same. One dispatcher thread (`mqtt-dispatch`) takes items off the
+inbox and alone touches the state: the delivery ledger (`ledger.py`), the fleet hand-offs
+(`fleet.py`), presence (`presence.py`), the journal and the subscriptions. Other threads read only
+plain values for the status section. `start`, `stop`, `reconfigure` post calls to the dispatcher
+and wait for them.
+
+The inbox holds at most `INBOX_MAX` messages. A message that does not fit is refused: logged,
+counted (`inbox_refused`), and never acknowledged, so a QoS 1 message stays in our session at the
+broker; once the inbox has drained to half, the transport drops the connection (paho reconnects
+at once to the same session; at most once per `REDELIVERY_MIN_INTERVAL_S`) so the broker sends it
+again (docs/mqtt.md, "Overload"). A refused
+QoS 0 message is gone, as QoS 0 allows. Backend events, PUBACKs and calls always fit: they are
+bounded by the requests in progress, which the queue bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import paho.mqtt.client as paho
+import structlog
+
+from daemon.protocol import DEFAULT_LIMITS, Code, EdgeError, ErrorEvent, Event, Limits, Origin
+from daemon.transports.mqtt import homeassistant
+from daemon.transports.mqtt.client import (
+    ClientItem,
+    Connected,
+    Disconnected,
+    MessageIn,
+    PahoClient,
+    PubAck,
+    broker_name,
+    message_property,
+)
+from daemon.transports.mqtt.fleet import (
+    Fallback,
+    Fleet,
+    FleetCommand,
+    Keep,
+    PublishHandoff,
+    Release,
+    Source,
+    Waiting,
+)
+from daemon.transports.mqtt.ledger import Ack, Command, Delivery, Entry, Ledger, Publish, Submit, WriteJournal
+from daemon.transports.mqtt.presence import Message, Presence
+from daemon.transports.mqtt.store import AnswerStore
+from daemon.transports.mqtt.topics import (
+    Accepted,
+    Route,
+    default_client_id,
+    error_event,
+    event_payload,
+    fleet_hops,
+    ha_prompt_request,
+    interpret_request,
+    make_destinations,
+    make_topics,
+    parse_cancel,
+    shared_filter,
+    should_bounce,
+)
+
+if TYPE_CHECKING:
+    from daemon.backend import Backend
+    from daemon.config import MqttConfig
+
+log = structlog.get_logger(__name__)
+
+# The dispatcher's inbox: messages beyond this are refused (unacked, so the broker keeps them).
+INBOX_MAX = 10_000
+# At most one reconnect-for-redelivery (of messages the full inbox refused) per this many seconds.
+REDELIVERY_MIN_INTERVAL_S = 5.0
+# How often answers the journal could not take are tried again.
+JOURNAL_RETRY_S = 1.0
+# Of `stop()`'s time, what the end needs: `offline` PUBACKed, DISCONNECT sent.
+STOP_RESERVE_S = 1.0
+# Of `stop()`'s time, what hand-offs get after the drain: a full peer needs a moment to make room.
+STOP_HANDOFF_S = 4.0
+# Keys of [mqtt] that a SIGHUP applies without a new connection.
+_LIVE_KEYS = frozenset(
+    {
+        "enabled", "status_interval_s", "max_payload_bytes", "offline_buffer", "journal_max_entries",
+        "journal_max_age_s", "reconnect_min_s", "reconnect_max_s", "fleet", "homeassistant", "allow_reply_to",
+    }
+)
+
+
+@dataclass
+class _Counters:
+    received: int = 0
+    rejected: int = 0
+    inbox_refused: int = 0
+    redelivery_reconnects: int = 0
+    reconnects: int = 0
+    connects: int = 0
+
+
+@dataclass(frozen=True)
+class _Gauges:
+    """The ledger's sizes for the status section, replaced whole by the dispatcher after each item
+    (the ledger itself is the dispatcher's alone)."""
+
+    inflight: int = 0
+    buffered: int = 0
+    held: int = 0
+
+
+@dataclass(frozen=True)
+class _Work:
+    """An item for the dispatcher that is not from the client: a backend event, a state, a call."""
+
+    kind: str
+    args: tuple[Any, ...]
+
+
+class _Sink:
+    """The `Sink` the backend sees: hands every event to the dispatcher (never blocks)."""
+
+    def __init__(self, transport: MqttTransport, entry: Entry) -> None:
+        self._transport = transport
+        self._entry = entry
+
+    def emit(self, event: Event) -> None:
+        self._transport._post(_Work("event", (self._entry, event)), must=True)
+
+
+class MqttTransport:
+    """Lifecycle: `start()` (returns at once; connects in the background, so the daemon serves
+    the socket while the broker is down), `reconfigure(cfg)` on SIGHUP, `stop(drain)`."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        backend: Backend,
+        *,
+        state_dir: Path,
+        version: str,
+        hostname: str | None = None,
+        model_name: str | None = None,
+        limits: Callable[[], Limits] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self._limits = limits or (lambda: DEFAULT_LIMITS)  # [limits], live across SIGHUP
+        self.state_dir = state_dir
+        self.version = version
+        self._hostname = hostname or socket.gethostname()
+        self._clock = clock
+        self.topics = make_topics(cfg.node_id, cfg.prefix, self._hostname)
+        self.client_id = cfg.client_id or default_client_id(self.topics.node_id)
+        self._inbox: queue.Queue[ClientItem | _Work] = queue.Queue()
+        self._inbox_size = 0
+        self._inbox_lock = threading.Lock()
+        self._redeliver_wanted = False  # a refused QoS 1 message waits in our session at the broker
+        self._last_redelivery = -1e9
+        self._thread: threading.Thread | None = None
+        self._client: PahoClient | None = None
+        self.store = AnswerStore(state_dir, max_entries=cfg.journal_max_entries, max_age_s=cfg.journal_max_age_s)
+        self.counters = _Counters()
+        # Dispatcher-owned state.
+        self.ledger = Ledger(cfg.offline_buffer)
+        self.fleet = Fleet()
+        self.presence = Presence(
+            self.topics, version=version, model_name=model_name, status_interval_s=cfg.status_interval_s,
+            ha_enabled=cfg.homeassistant.enabled, ha_prefix=cfg.homeassistant.prefix,
+        )
+        self._destinations = self._make_destinations(cfg)
+        # Entries the fleet machine holds (its keys), and where each fleet request came from.
+        self._handing_off: set[Entry] = set()
+        self._sources: dict[Entry, Source] = {}
+        self._mids: dict[int, tuple[str, int]] = {}  # paho mid → ("ledger" | "fleet", ref)
+        self._subscribed: set[str] = set()
+        self._accepting = True
+        self._stopping = False
+        self._last_words_mid: int | None = None
+        self._last_words_sent = threading.Event()
+        self._journal_retry_at: float | None = None
+        # Read from other threads (status section); plain values, written by the dispatcher.
+        self._connected = False
+        self._setup_error: str | None = None
+        self._gauges = _Gauges()
+        self._idle = threading.Event()
+        self._idle.set()
+
+    # --- lifecycle (called by the service) -------------------------------------------------
+
+    def start(self) -> None:
+        self.store.open()
+        self.backend.add_status_section("mqtt", self.status_section)
+        self.backend.add_state_listener(self._on_backend_state)
+        self._thread = threading.Thread(target=self._dispatch_forever, name="mqtt-dispatch", daemon=True)
+        self._thread.start()
+        self._call(lambda: self._start_client(self.cfg))
+
+    def stop(self, drain: bool = True, timeout_s: float = 10.0) -> None:
+        """Leave the fleet, stop taking requests, let answers in flight reach the broker (when
+        `drain`), hand every fleet request we hold and will not answer back to the fleet, publish
+        `offline` and the final status, disconnect. Our own requests not answered stay at the
+        broker, unacked, for the next start; so does a fleet request no member could take in time.
+
+        The service stops the worker first, so queued and running requests have normally ended
+        with `shutting_down` (and been handed off) by now. A generation that did not end in time is
+        handed back here, and whatever it emits later is ignored: the fleet answers it, once."""
+        if self._thread is None or self._stopping:
+            return
+        # Whatever happens below, this transport no longer feeds the daemon's status or listens.
+        self.backend.remove_state_listener(self._on_backend_state)
+        self._call(self._begin_stop)
+        deadline = time.monotonic() + timeout_s
+        end = deadline - min(STOP_RESERVE_S, timeout_s / 4)
+        if drain:
+            self._wait_idle(max(time.monotonic(), end - STOP_HANDOFF_S))
+        self._call(self._hand_back_unfinished)
+        if drain:
+            self._wait_idle(end)
+        self._call(lambda: self._fleet_run(self.fleet.give_up_waiting()))
+        self._call(self._publish_last_words)
+        self._last_words_sent.wait(max(0.0, min(2.0, deadline - time.monotonic())))
+        client = self._client
+        if client is not None:
+            client.close()
+        thread, self._thread = self._thread, None
+        self._inbox.put(_Work("quit", ()))
+        thread.join(5.0)
+        self.backend.remove_status_section("mqtt")
+        self.store.close()
+        log.info("mqtt.stopped", inflight_left=self.ledger.inflight)
+
+    def _wait_idle(self, until: float) -> None:
+        """Until every answer and hand-off is PUBACKed (or `until`, or the connection is gone)."""
+        while time.monotonic() < until and self._connected and not self._idle.wait(0.05):
+            pass
+
+    def stop_accepting(self) -> None:
+        """Start of a drain: leave the fleet and take no new requests (they stay at the broker)."""
+        self._call(self._stop_accepting)
+
+    def reconfigure(self, cfg: MqttConfig) -> None:
+        """SIGHUP. Fleet, Home Assistant, limits and backoff change live; anything about the
+        connection (broker, credentials, TLS, protocol, client id, prefix) reconnects."""
+        self._call(lambda: self._reconfigure(cfg))
+
+    def status_section(self) -> dict[str, Any]:
+        """The `mqtt` section of the daemon status (any thread; reads plain values only)."""
+        ledger, fleet = self.ledger.counters, self.fleet.counters
+        return {
+            "connected": self._connected,
+            "error": self._setup_error,
+            "broker": broker_name(self.cfg),
+            "client_id": self.client_id,
+            "prefix": self.topics.prefix,
+            "fleet": {
+                "enabled": self.cfg.fleet.enabled,
+                "member": shared_filter(self.cfg.fleet.group, self.cfg.fleet.topic) in self._subscribed,
+            },
+            "inflight": self._gauges.inflight,
+            "offline_buffered": self._gauges.buffered,
+            "offline_buffer": self.cfg.offline_buffer,
+            "journal_entries": self.store.entries,
+            "journal": {"ok": self.store.error is None, "error": self.store.error, "held": self._gauges.held},
+            "inbox": {"depth": self._inbox_size, "max": INBOX_MAX},
+            **dataclasses.asdict(self.counters),
+            **dataclasses.asdict(ledger),
+            "handed_off": fleet.handed_off,
+            "bounced": fleet.bounced,
+        }
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _post(self, item: ClientItem | _Work, *, must: bool = False) -> bool:
+        """Hand an item to the dispatcher. A client message that does not fit is refused."""
+        if self._thread is None and not (isinstance(item, _Work) and item.kind == "quit"):
+            return False  # stopped: nobody would read it (a removed transport's listener must not leak)
+        with self._inbox_lock:
+            if not must and isinstance(item, MessageIn) and self._inbox_size >= INBOX_MAX:
+                self.counters.inbox_refused += 1
+                refused = self.counters.inbox_refused
+                self._redeliver_wanted = self._redeliver_wanted or item.message.qos > 0
+            else:
+                self._inbox_size += 1
+                refused = 0
+        if refused:
+            if refused == 1 or refused % 100 == 0:
+                log.warning(
+                    "mqtt.inbox_full", refused=refused, max=INBOX_MAX, topic=_topic(item.message),  # type: ignore[union-attr]
+                    action="not acknowledged: the broker keeps a QoS 1 message and sends it again after a reconnect",
+                )
+            return False
+        self._inbox.put(item)
+        return True
+
+    def _deliver(self, item: ClientItem) -> None:
+        """paho's network thread: every callback ends here."""
+        self._post(item, must=not isinstance(item, MessageIn))
+
+    def _call(self, fn: Callable[[], None], timeout: float = 10.0) -> None:
+        """Run `fn` on the dispatcher and wait for it (so the caller sees its effect)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            fn()
+            return
+        done = threading.Event()
+        self._post(_Work("call", (fn, done)), must=True)
+        done.wait(timeout)
+
+    def _dispatch_forever(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get(timeout=self._next_tick_in())
+            except queue.Empty:
+                item = _Work("tick", ())
+            else:
+                with self._inbox_lock:
+                    self._inbox_size -= 1
+            if isinstance(item, _Work) and item.kind == "quit":
+                return
+            try:
+                self._handle(item)
+            except Exception:
+                # A bug in handling one item must not take the door down.
+                log.exception("mqtt.dispatch_failed", item=type(item).__name__)
+            self._redeliver_refused()
+            # Before a caller wakes: `stop()` reads `_idle` right after its call returns.
+            self._gauges = _Gauges(self.ledger.inflight, self.ledger.buffered, self.ledger.held)
+            busy = not self.ledger.idle() or self.fleet.busy()
+            (self._idle.clear if busy else self._idle.set)()
+            if isinstance(item, _Work) and item.kind == "call":
+                item.args[1].set()
+
+    def _redeliver_refused(self) -> None:
+        """The inbox refused QoS 1 messages and has drained to half: have the broker send them again."""
+        now = self._clock()
+        with self._inbox_lock:
+            due = (
+                self._redeliver_wanted and self._inbox_size <= INBOX_MAX // 2
+                and now - self._last_redelivery >= REDELIVERY_MIN_INTERVAL_S
+            )
+            if due:
+                self._redeliver_wanted = False
+                self._last_redelivery = now
+        if due and self._client is not None and not self._stopping:
+            self.counters.redelivery_reconnects += 1
+            log.warning("mqtt.reconnect_for_redelivery", refused=self.counters.inbox_refused)
+            self._client.drop_connection()
+
+    def _handle(self, item: ClientItem | _Work) -> None:
+        if isinstance(item, _Work):
+            if item.kind == "event":
+                self._on_event(*item.args)
+            elif item.kind == "state":
+                self._on_state(item.args[0])
+            elif item.kind == "call":
+                item.args[0]()
+        elif item.client is not self._client:
+            pass  # from a client replaced by a reload: its acks and mids mean nothing to the new one
+        elif isinstance(item, MessageIn):
+            self._on_message(item.message)
+        elif isinstance(item, PubAck):
+            self._on_puback(item)
+        elif isinstance(item, Connected):
+            self._on_connected(item.session_present)
+        elif isinstance(item, Disconnected):
+            self._on_disconnected(item.reason)
+        now = self._clock()
+        self._fleet_run(self.fleet.tick(now))
+        if self._journal_retry_at is not None and now >= self._journal_retry_at:
+            self._journal_retry_at = None
+            self._run(self.ledger.retry_journal())
+        if self._connected and self.presence.next_due_in(now) <= 0:
+            self._send(self.presence.due(self.backend.status(), now))
+
+    def _next_tick_in(self) -> float:
+        now = self._clock()
+        due = now + self.presence.next_due_in(now)
+        fleet_due = self.fleet.next_due()
+        if fleet_due is not None:
+            due = min(due, fleet_due)
+        if self._journal_retry_at is not None:
+            due = min(due, self._journal_retry_at)
+        return max(0.05, min(due - now, self.cfg.status_interval_s))
+
+    # --- carrying out the machines' commands --------------------------------------------------
+
+    def _run(self, commands: Iterable[Command]) -> None:
+        todo = deque(commands)
+        while todo:
+            command = todo.popleft()
+            if isinstance(command, Publish):
+                self._publish_answer(command)
+            elif isinstance(command, Ack):
+                if self._client is not None:
+                    self._client.ack(command.mid, command.qos)
+            elif isinstance(command, WriteJournal):
+                todo.extend(self.ledger.journal_written(command.entry, self._journal_put(command)))
+            elif isinstance(command, Submit):
+                self._submit(command)
+
+    def _publish_answer(self, command: Publish) -> None:
+        client = self._client
+        if client is None:
+            if command.ref is not None:
+                self._run(self.ledger.publish_failed(command.ref))
+            return
+        if command.retain and command.ref is not None and command.topic == self.topics.ha_answer:
+            # Home Assistant's Last answer sensor reads its attributes here (bounded; see homeassistant.py).
+            try:
+                event = _json_object(command.payload)
+            except ValueError:
+                event = {}
+            attributes = homeassistant.answer_attributes(event, self.topics.ha_answer)
+            client.publish(self.topics.ha_answer_attributes, attributes, retain=True)
+        sent = client.publish(command.topic, command.payload, retain=command.retain, correlation=command.correlation)
+        if command.ref is None:
+            return
+        if not sent.ok:
+            self._run(self.ledger.publish_failed(command.ref))
+            return
+        self._mids[sent.mid] = ("ledger", command.ref)
+        if sent.queued_offline:
+            self.ledger.queued_offline(command.ref)
+
+    def _fleet_run(self, commands: Iterable[FleetCommand]) -> None:
+        for command in commands:
+            if isinstance(command, PublishHandoff):
+                self._publish_handoff(command)
+                continue
+            entry = command.key
+            if isinstance(command, Waiting):
+                log.info(
+                    "mqtt.handoff_waiting", id=getattr(entry, "request_id", None),
+                    retry_in_s=round(command.retry_in_s, 2),
+                    reason="no fleet member is subscribed (all are full or leaving)",
+                )
+                continue
+            if not isinstance(entry, Entry) or entry not in self._handing_off:
+                continue
+            self._handing_off.discard(entry)
+            if isinstance(command, Release):
+                log.info("mqtt.handed_off", id=entry.request_id, topic=self.cfg.fleet.topic)
+                self._run(self.ledger.release(entry))
+            elif isinstance(command, Fallback):
+                log.warning("mqtt.fleet_saturated", id=entry.request_id, reason=command.reason,
+                            code=command.final.get("code"))
+                self._run(self.ledger.answer(entry, command.final))
+            elif isinstance(command, Keep):
+                log.warning("mqtt.handoff_failed", id=entry.request_id, reason=command.reason,
+                            action="kept unacknowledged in our session for our next start")
+                self.ledger.leave(entry)
+
+    def _publish_handoff(self, command: PublishHandoff) -> None:
+        client = self._client
+        if client is None:
+            self._fleet_run(self.fleet.abandon("no MQTT client"))
+            return
+        sent = client.publish(
+            self.cfg.fleet.topic, command.payload, json_content=False, correlation=command.correlation,
+            response_topic=command.response_topic, expiry_s=command.expiry_s, user_properties=command.user_properties,
+        )
+        if not sent.ok:
+            self._fleet_run(self.fleet.publish_failed(command.ref, self._clock()))
+            return
+        self._mids[sent.mid] = ("fleet", command.ref)
+
+    def _send(self, messages: Iterable[Message]) -> int | None:
+        """Publish presence messages (retained, QoS 1); the mid of the last one."""
+        mid = None
+        if self._client is None:
+            return None
+        for message in messages:
+            json_content = message.topic not in (self.topics.availability,) and bool(message.payload)
+            mid = self._client.publish(message.topic, message.payload, retain=message.retain,
+                                       json_content=json_content).mid
+        return mid
+
+    # --- journal ------------------------------------------------------------------------------
+
+    def _journal_put(self, command: WriteJournal) -> bool:
+        ok = self.store.put(command.request_id, command.event, held=self._gauges.held)
+        if not ok:
+            self._journal_retry_at = self._clock() + JOURNAL_RETRY_S
+        return ok
+
+    # --- connection ---------------------------------------------------------------------------
+
+    def _start_client(self, cfg: MqttConfig) -> None:
+        """Build and connect the paho client. A broken setting (unreadable password file, bad TLS
+        files) is logged and shown in status; the daemon keeps serving the socket, and a reload
+        with a fixed config tries again."""
+        try:
+            client = PahoClient(cfg, self.client_id, self.topics.availability, self._deliver)
+        except (OSError, ValueError) as exc:
+            self._client = None
+            self._setup_error = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "mqtt.setup_failed", error=self._setup_error,
+                hint="check mqtt.host, mqtt.password_file and mqtt.tls.* in the config, then reload",
+            )
+            return
+        self._setup_error = None
+        self._client = client
+        client.connect()
+        log.info(
+            "mqtt.starting", broker=broker_name(cfg), client_id=self.client_id, prefix=self.topics.prefix,
+            protocol=cfg.protocol, fleet=cfg.fleet.enabled, username=cfg.username or None,
+        )
+
+    def _on_connected(self, session_present: bool) -> None:
+        self._connected = True
+        self.counters.connects += 1
+        if self.counters.connects > 1:
+            self.counters.reconnects += 1
+        self.ledger.on_connected(session_present)
+        if not session_present:
+            self._subscribed.clear()
+        log.info(
+            "mqtt.connected", broker=broker_name(self.cfg), session_present=session_present,
+            reconnects=self.counters.reconnects, buffered=self.ledger.buffered,
+        )
+        self._sync_subscriptions()
+        self._send(self.presence.on_connected(self.backend.status(), self._clock()))
+
+    def _on_disconnected(self, reason: str) -> None:
+        was = self._connected
+        self._connected = False
+        self.ledger.on_disconnected()
+        self.presence.on_disconnected()
+        if was and not self._stopping:
+            log.warning("mqtt.disconnected", reason=reason, inflight=self.ledger.inflight)
+
+    def _on_puback(self, ack: PubAck) -> None:
+        if ack.mid == self._last_words_mid:
+            self._last_words_sent.set()
+        owner = self._mids.pop(ack.mid, None)
+        if owner is None:
+            return
+        kind, ref = owner
+        if kind == "fleet":
+            self._fleet_run(self.fleet.published(ref, reason=ack.reason, failure=ack.failure, now=self._clock()))
+            return
+        if ack.failure:
+            # The broker refused our answer (usually its ACL). Retrying will not help: ack the request.
+            log.error("mqtt.answer_refused_by_broker", reason=ack.reason)
+        self._run(self.ledger.published(ref))
+
+    def _wanted_subscriptions(self) -> set[str]:
+        wanted = {self.topics.request, self.topics.cancel}
+        if self.cfg.homeassistant.enabled:
+            wanted |= {self.topics.ha_prompt, f"{self.cfg.homeassistant.prefix}/status"}
+        if self.cfg.fleet.enabled and self._accepting and self.backend.can_accept():
+            wanted.add(shared_filter(self.cfg.fleet.group, self.cfg.fleet.topic))
+        return wanted
+
+    def _sync_subscriptions(self) -> None:
+        """Make the (persistent) session's subscriptions what we want now, including dropping
+        filters an earlier run subscribed (the broker remembers them across restarts)."""
+        client = self._client
+        if client is None or not self._connected:
+            return
+        wanted = self._wanted_subscriptions()
+        remembered = self.store.subscriptions()
+        stale = (remembered | self._subscribed) - wanted
+        new = wanted - self._subscribed
+        if stale:
+            client.unsubscribe(sorted(stale))
+            log.info("mqtt.unsubscribed", filters=sorted(stale))
+        if new:
+            client.subscribe(sorted(new))
+            log.info("mqtt.subscribed", filters=sorted(new))
+        self._subscribed = wanted
+        if remembered != wanted:
+            self.store.remember_subscriptions(wanted)
+
+    # --- incoming messages --------------------------------------------------------------------
+
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        self.counters.received += 1
+        topic = _topic(msg)
+        delivery = Delivery(msg.mid, msg.qos)
+        try:
+            if topic == self.topics.request:
+                self._on_request(msg, fleet=False)
+            elif self.cfg.fleet.enabled and topic == self.cfg.fleet.topic:
+                self._on_request(msg, fleet=True)
+            elif topic == self.topics.cancel:
+                self._on_cancel(msg)
+                self._ack(delivery)
+            elif topic == self.topics.ha_prompt and self.cfg.homeassistant.enabled:
+                self._on_ha_prompt(msg)
+            elif topic == f"{self.cfg.homeassistant.prefix}/status":
+                if msg.payload.strip() == b"online" and self.cfg.homeassistant.enabled:
+                    log.info("mqtt.homeassistant_online", action="re-publishing discovery")
+                    self._send(self.presence.discovery(self.backend.status()))
+                self._ack(delivery)
+            else:
+                log.warning("mqtt.unexpected_topic", topic=topic)
+                self._ack(delivery)
+        except Exception as exc:
+            log.exception("mqtt.message_failed", topic=topic)
+            error = ErrorEvent(None, Code.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            self._run(self.ledger.answer_once(delivery, [Route(self.topics.error)], error.to_dict()))
+
+    def _ack(self, delivery: Delivery) -> None:
+        if self._client is not None:
+            self._client.ack(delivery.mid, delivery.qos)
+
+    def _on_request(self, msg: paho.MQTTMessage, *, fleet: bool) -> None:
+        response_topic = message_property(msg, "ResponseTopic")
+        correlation = message_property(msg, "CorrelationData")
+        expiry = message_property(msg, "MessageExpiryInterval")
+        delivery = Delivery(msg.mid, msg.qos)
+        if not self._accepting:
+            self._refuse_while_stopping(msg, fleet)
+            return
+        decision = interpret_request(
+            bytes(msg.payload),
+            self.topics,
+            self.backend.defaults,
+            max_payload_bytes=self.cfg.max_payload_bytes,
+            response_topic=response_topic if isinstance(response_topic, str) else None,
+            correlation=bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
+            expiry_s=expiry if isinstance(expiry, int) else None,
+            destinations=self._destinations,
+            limits=self._limits(),
+        )
+        if not isinstance(decision, Accepted):
+            self.counters.rejected += 1
+            log.info(
+                "mqtt.request_rejected", topic=msg.topic, code=decision.error.code, reason=decision.error.message,
+                id=decision.error.id, to=decision.route.topic,
+            )
+            self._run(self.ledger.answer_once(delivery, [decision.route], decision.error.to_dict()))
+            return
+        request, route = decision.request, decision.route
+        stored = self.store.get(request.id)
+        if stored is not None:
+            log.info("mqtt.request_replayed", id=request.id, dup=bool(msg.dup), to=route.topic)
+        elif self.ledger.in_progress(request.id) is not None:
+            log.info("mqtt.duplicate_in_progress", id=request.id, dup=bool(msg.dup))
+        commands = self.ledger.arrived(delivery, request, route, stored=stored)
+        if fleet:
+            for command in commands:
+                if isinstance(command, Submit):
+                    self._sources[command.entry] = self._source_of(msg)
+        self._run(commands)
+
+    def _submit(self, command: Submit) -> None:
+        entry, request = command.entry, command.request
+        source = self._sources.get(entry)
+        kind = "fleet" if source is not None else "topic"
+        route = entry.routes[0].topic if entry.routes else ""
+        origin = Origin("mqtt", "homeassistant" if entry.retain else f"{kind} reply={route}")
+        try:
+            self.backend.submit(request, _Sink(self, entry), origin)
+        except Exception as exc:  # the contract says submit never raises; a bug must not lose the answer
+            log.exception("mqtt.submit_failed", id=request.id)
+            self._on_event(entry, ErrorEvent(request.id, Code.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+
+    def _refuse_while_stopping(self, msg: paho.MQTTMessage, fleet: bool) -> None:
+        """Shutting down: a fleet request goes back to the fleet; our own stays at the broker."""
+        if not fleet:
+            self.ledger.counters.left_for_redelivery += 1
+            return
+        entry = self.ledger.received_for_handoff(Delivery(msg.mid, msg.qos))
+        source = self._source_of(msg)
+        self._start_handoff(entry, source, hops=source.hops, fallback=None)
+
+    def _source_of(self, msg: paho.MQTTMessage) -> Source:
+        response_topic = message_property(msg, "ResponseTopic")
+        correlation = message_property(msg, "CorrelationData")
+        expiry = message_property(msg, "MessageExpiryInterval")
+        user = message_property(msg, "UserProperty")
+        user_properties = tuple((str(k), str(v)) for k, v in user) if isinstance(user, list) else ()
+        return Source(
+            bytes(msg.payload),
+            response_topic if isinstance(response_topic, str) else None,
+            bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
+            expiry if isinstance(expiry, int) else None,
+            self._clock(),
+            user_properties,
+            fleet_hops(user_properties),
+        )
+
+    def _on_cancel(self, msg: paho.MQTTMessage) -> None:
+        response_topic = message_property(msg, "ResponseTopic")
+        correlation = message_property(msg, "CorrelationData")
+        if isinstance(response_topic, str) and self._destinations.refusal(response_topic) is not None:
+            response_topic = None
+        reply: dict[str, Any]
+        try:
+            request_id = parse_cancel(bytes(msg.payload))
+        except EdgeError as exc:
+            reply = error_event(exc, None).to_dict()
+            topic = response_topic if isinstance(response_topic, str) else self.topics.error
+        else:
+            cancelled = self.backend.cancel(request_id)
+            log.info("mqtt.cancel", id=request_id, cancelled=cancelled)
+            if not isinstance(response_topic, str):
+                return
+            reply = {"event": "cancel", "id": request_id, "cancelled": cancelled}
+            topic = response_topic
+        if self._client is not None:
+            corr = bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None
+            self._client.publish(topic, event_payload(reply), correlation=corr)
+
+    def _on_ha_prompt(self, msg: paho.MQTTMessage) -> None:
+        delivery = Delivery(msg.mid, msg.qos)
+        if not bytes(msg.payload).strip():
+            # An empty text entity value is no prompt: the last answer stays as it is.
+            log.info("mqtt.ha_prompt_empty", action="ignored; ha/answer unchanged")
+            self._ack(delivery)
+            return
+        request_id = f"ha-{uuid.uuid4().hex[:16]}"
+        route = Route(self.topics.ha_answer)
+        try:
+            request = ha_prompt_request(
+                bytes(msg.payload), request_id, self.backend.defaults, self.cfg.max_payload_bytes, self._limits()
+            )
+        except EdgeError as exc:
+            self._run(self.ledger.answer_once(delivery, [route], exc.to_event(request_id).to_dict(), retain=True))
+            return
+        self._run(self.ledger.arrived(delivery, request, route, stored=None, retain=True))
+
+    # --- events from the backend --------------------------------------------------------------
+
+    def _on_event(self, entry: Entry, event: Event) -> None:
+        source = self._sources.pop(entry, None) if event.final else None
+        if entry.finalized or not isinstance(event, ErrorEvent) or not event.final:
+            self._run(self.ledger.event(entry, event))
+            return
+        if event.code == Code.SHUTTING_DOWN:
+            # `shutting_down` is not an answer for MQTT: the prompt must survive the restart.
+            if source is not None:
+                self._start_handoff(entry, source, hops=source.hops, fallback=None)
+            else:
+                log.info("mqtt.left_for_redelivery", id=entry.request_id)
+                self.ledger.leave(entry)
+            return
+        if source is not None and should_bounce(
+            event.code, source.hops, client_saw_events=entry.client_saw_events, v5=self.cfg.protocol == "5"
+        ):
+            final = self.ledger.take_final(entry, event)
+            log.info("mqtt.fleet_bounced", id=entry.request_id, code=event.code, hops=source.hops + 1)
+            self._start_handoff(entry, source, hops=source.hops + 1, fallback=final)
+            return
+        self._run(self.ledger.event(entry, event))
+
+    def _start_handoff(self, entry: Entry, source: Source, *, hops: int, fallback: dict[str, Any] | None) -> None:
+        self.ledger.hand_off(entry)
+        self._handing_off.add(entry)
+        self._fleet_run(self.fleet.hand_off(entry, source, hops=hops, fallback=fallback, now=self._clock()))
+
+    def _hand_back_unfinished(self) -> None:
+        """Stop, after the drain: a fleet request still generating (the worker did not end it in
+        time) goes back to the fleet now; whatever it emits later is ignored (it is handed off)."""
+        for entry in self.ledger.unfinished():
+            source = self._sources.pop(entry, None)
+            if source is not None:
+                log.info("mqtt.handing_back_unfinished", id=entry.request_id)
+                self._start_handoff(entry, source, hops=source.hops, fallback=None)
+
+    # --- backend state, the fleet membership, stopping -----------------------------------------
+
+    def _on_backend_state(self, status: dict[str, Any]) -> None:
+        """State listener (inference or event-loop thread): hand it to the dispatcher."""
+        self._post(_Work("state", (status,)), must=True)
+
+    def _on_state(self, status: dict[str, Any]) -> None:
+        if status.get("state") == "draining" and self._accepting:
+            self._stop_accepting()
+        self._send(self.presence.on_state(status))
+        self._sync_fleet()
+
+    def _sync_fleet(self) -> None:
+        if not self.cfg.fleet.enabled and not any(f.startswith("$share/") for f in self._subscribed):
+            return
+        member = shared_filter(self.cfg.fleet.group, self.cfg.fleet.topic) in self._subscribed
+        should = self.cfg.fleet.enabled and self._accepting and self.backend.can_accept()
+        if member != should:
+            log.info("mqtt.fleet_" + ("join" if should else "leave"), group=self.cfg.fleet.group)
+            self._sync_subscriptions()
+
+    def _stop_accepting(self) -> None:
+        if not self._accepting:
+            return
+        self._accepting = False
+        log.info("mqtt.stop_accepting", inflight=self.ledger.inflight)
+        self._sync_subscriptions()
+
+    def _begin_stop(self) -> None:
+        self._stop_accepting()
+        self._stopping = True
+        self.fleet.stopping = True
+
+    def _publish_last_words(self) -> None:
+        if self._client is None or not self._connected:
+            self._last_words_sent.set()
+            return
+        self._last_words_mid = self._send(self.presence.stopping(self.backend.status(), self._clock()))
+
+    # --- reload --------------------------------------------------------------------------------
+
+    def _make_destinations(self, cfg: MqttConfig) -> Any:
+        return make_destinations(
+            self.topics, fleet_topic=cfg.fleet.topic, ha_prefix=cfg.homeassistant.prefix,
+            allow_reply_to=cfg.allow_reply_to,
+        )
+
+    def _reconfigure(self, cfg: MqttConfig) -> None:
+        old = self.cfg
+        changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(old, f.name)}
+        if not changed:
+            return
+        self.cfg = cfg
+        self.ledger.offline_buffer = cfg.offline_buffer
+        self.presence.status_interval_s = cfg.status_interval_s
+        if self._client is not None:
+            self._client.set_backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        self.store.set_limits(cfg.journal_max_entries, cfg.journal_max_age_s)
+        log.info("mqtt.reconfigured", changed=sorted(changed))
+        if changed - _LIVE_KEYS or self._client is None:
+            self._reconnect_with(cfg)
+            return
+        self._destinations = self._make_destinations(cfg)
+        if "homeassistant" in changed:
+            self._send(self.presence.reconfigure_ha(
+                cfg.homeassistant.enabled, cfg.homeassistant.prefix, self.backend.status()
+            ))
+        self._sync_subscriptions()
+        self.presence.mark_dirty()
+
+    def _reconnect_with(self, cfg: MqttConfig) -> None:
+        """Connection settings changed: say `offline` on the old connection, open a new one, and
+        re-publish the answers and hand-offs the old one had not got PUBACKs for."""
+        old_client = self._client
+        if old_client is not None:
+            if self._connected:
+                old_client.publish(self.topics.availability, b"offline", retain=True, json_content=False)
+            old_client.close()
+        self._connected = False
+        self.presence.on_disconnected()
+        self.topics = make_topics(cfg.node_id, cfg.prefix, self._hostname)
+        self.client_id = cfg.client_id or default_client_id(self.topics.node_id)
+        self.presence.topics = self.topics
+        self.presence.ha_enabled, self.presence.ha_prefix = cfg.homeassistant.enabled, cfg.homeassistant.prefix
+        self._destinations = self._make_destinations(cfg)
+        self._subscribed.clear()
+        self._mids.clear()
+        self.fleet.client_replaced(self._clock())
+        republish = self.ledger.client_replaced()
+        self._start_client(cfg)
+        self._run(republish)
+
+
+def _topic(msg: paho.MQTTMessage) -> str:
+    try:
+        return msg.topic
+    except UnicodeDecodeError:
+        return ""
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    import json
+
+    value = json.loads(payload)
+    if not isinstance(value, dict):
+        raise ValueError("not an object")
+    return value
