@@ -24,6 +24,7 @@ from daemon.engine import Engine
 from daemon.inference import InferenceWorker
 from daemon.logs import configure_logging
 from daemon.paths import serve_socket_path, state_dir
+from daemon.transports.network import NetworkDoors
 from daemon.transports.unix_socket import UnixSocketServer
 
 log = structlog.get_logger(__name__)
@@ -41,6 +42,7 @@ class Daemon:
         self.worker = InferenceWorker(self.cfg, self._make_engine)
         self.socket_server: UnixSocketServer | None = None
         self.mqtt: Any = None
+        self.doors: NetworkDoors | None = None  # HTTP and Wyoming
         self.sensors: Any = None
         self._stop = asyncio.Event()
         self._force = False  # a second stop signal: skip the drain
@@ -122,6 +124,8 @@ class Daemon:
 
             self.mqtt = MqttTransport(self.cfg.mqtt, self.worker, state_dir=self.cfg.state_dir, version=__version__)
             self.mqtt.start()
+        self.doors = NetworkDoors(self.worker, loop)
+        await self.doors.start(self.cfg)
 
     def _start_governor(self) -> None:
         if not self.cfg.governor.enabled:
@@ -165,6 +169,8 @@ class Daemon:
         if self.socket_server is not None:
             await asyncio.sleep(0.05)  # let the last events reach the event loop
             await self.socket_server.stop()
+        if self.doors is not None:
+            await self.doors.stop()
         log.info("daemon.stopped", drained=drained)
 
     # --- reload ----------------------------------------------------------------------------
@@ -219,6 +225,8 @@ class Daemon:
 
             self.mqtt = MqttTransport(new.mqtt, self.worker, state_dir=new.state_dir, version=__version__)
             self.mqtt.start()
+        if self.doors is not None:
+            await self.doors.reload(new)
         log.info("config.reloaded", source=new.source)
 
     def _load_engine(self, cfg: Config) -> Engine:
