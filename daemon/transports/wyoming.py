@@ -165,13 +165,9 @@ class WyomingDoor:
         self._zeroconf: Any = None
 
     def model_name(self) -> str:
-        from pathlib import Path
+        from daemon.transports.served import current_model
 
-        model = self.backend.status().get("model") or {}
-        if self.cfg.model.name:
-            return self.cfg.model.name
-        path = model.get("path") or self.cfg.model.path
-        return Path(path).stem if path else "edgellm"
+        return current_model(self.cfg, self.backend).primary
 
     async def start(self) -> None:
         from wyoming.server import AsyncTcpServer

@@ -43,8 +43,8 @@ from daemon.transports.http.common import (
     error_details,
     error_headers,
     http_status,
-    served_model,
 )
+from daemon.transports.served import current_model
 
 if TYPE_CHECKING:
     from daemon.backend import Backend
@@ -225,19 +225,7 @@ class HttpDoor:
         return parse_json_object(await request.read())
 
     def served(self) -> ServedModel:
-        from daemon.models import entry_for_file, model_file_path, read_recorded_sha256
-
-        status = self.backend.status()
-        loaded_path = (status.get("model") or {}).get("path")
-        path = Path(loaded_path) if loaded_path else model_file_path(self.cfg.model, self.cfg.state_dir)
-        entry = entry_for_file(path)
-        try:
-            st = path.stat()
-            file_stat: tuple[int, float] | None = (st.st_size, st.st_mtime)
-        except OSError:
-            file_stat = None
-        catalog = self.cfg.model.name or (entry.name if entry is not None else None)
-        return served_model(status, path, catalog, read_recorded_sha256(path), file_stat)
+        return current_model(self.cfg, self.backend)
 
     def _origin(self, request: web.Request) -> Origin:
         return Origin("http", f"{request.remote or 'unknown'} {request.path}")
