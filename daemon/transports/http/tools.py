@@ -197,6 +197,11 @@ def call_schema(tools: Sequence[Tool], choice: ToolChoice) -> dict[str, Any]:
     return alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
 
 
+# A string argument with no bound of its own is capped, so a small model cannot spend its whole
+# max_tokens inside one string (the call would then be cut off, and be no call). docs/http.md.
+MAX_ARGUMENT_CHARS = 100
+
+
 def _arguments_schema(parameters: dict[str, Any]) -> dict[str, Any]:
     # A tool without parameters takes `{}`; the converter would otherwise allow any object.
     if (
@@ -205,7 +210,27 @@ def _arguments_schema(parameters: dict[str, Any]) -> dict[str, Any]:
         and parameters.get("additionalProperties") in (None, False)
     ):
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    return parameters
+    return _bounded(parameters)
+
+
+def _bounded(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _bounded_children(key, value) for key, value in schema.items()}
+    unbounded = not any(k in out for k in ("maxLength", "enum", "const", "pattern", "format"))
+    if out.get("type") == "string" and unbounded:
+        out["maxLength"] = MAX_ARGUMENT_CHARS
+    return out
+
+
+def _bounded_children(key: str, value: Any) -> Any:
+    if key == "properties" and isinstance(value, dict):
+        return {name: _bounded(sub) for name, sub in value.items()}
+    if key == "items" or key == "additionalProperties":
+        return _bounded(value)
+    if key in ("anyOf", "oneOf", "allOf") and isinstance(value, list):
+        return [_bounded(sub) for sub in value]
+    return value
 
 
 def call_grammar(tools: Sequence[Tool], choice: ToolChoice) -> str | None:
