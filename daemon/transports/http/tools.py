@@ -210,7 +210,8 @@ def _arguments_schema(parameters: dict[str, Any]) -> dict[str, Any]:
         and parameters.get("additionalProperties") in (None, False)
     ):
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    return _bounded(parameters)
+    bounded: dict[str, Any] = _bounded(parameters)
+    return bounded
 
 
 def _bounded(schema: Any) -> Any:
