@@ -44,7 +44,7 @@ def test_describe_info_and_transcript_handled(tmp_path: Path, gemma_path: Path) 
     assert program.name == "edgellm" and program.installed and program.version
     assert program.attribution.name and program.description and program.supports_handled_streaming is False
     (model,) = program.models
-    assert model.name == "gemma-3-270m" and model.languages == ["en"] and model.installed
+    assert model.name == "gemma-3-270m" and model.languages == [] and model.installed
     assert info_s < 1.0
     assert Handled.is_type(answer.type), answer
     assert Handled.from_event(answer).text

@@ -160,7 +160,9 @@ class WyomingDoor:
         self.cfg = cfg
         self.backend = backend
         self.loop = loop
-        self.languages = ["en"]
+        # No list: Home Assistant then offers the agent in every language's pipeline (an empty list
+        # means "any" to its Wyoming integration); the model answers in the language it is asked in.
+        self.languages: list[str] = []
         self._server: Any = None
         self._zeroconf: Any = None
 
