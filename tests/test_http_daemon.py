@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from tests.helpers import DaemonProcess, free_port, wait_status, write_config
+from tests.test_governor_daemon import meminfo
 
 HI = [{"role": "user", "content": "Say hi"}]
 ONCE = "Once upon a time, there was a little"
@@ -301,15 +302,18 @@ def test_a_client_that_disconnects_cancels_its_request(tmp_path: Path, gemma_pat
     assert any(e.get("event") == "http.client_gone" for e in daemon.log_events())
 
 
+def hot_governor(tmp: Path) -> dict[str, Any]:
+    """A governor whose temperature file says hot (it admits nothing), with plenty of memory."""
+    temp = tmp / "temp"
+    temp.write_text("79000\n")
+    mem = tmp / "meminfo"
+    mem.write_text(meminfo(8000))
+    return {"enabled": True, "interval_s": 0.1, "temperature_files": [str(temp)], "meminfo_file": str(mem),
+            "psi_file": "", "vcgencmd_command": ""}
+
+
 def test_governor_throttled_is_503_with_retry_after(tmp_path: Path, gemma_path: Path) -> None:
-    temp = tmp_path / "temp"
-    temp.write_text("79000\n")  # hot: admit nothing
-    mem = tmp_path / "meminfo"
-    mem.write_text("MemTotal: 4194304 kB\nMemFree: 8192000 kB\nMemAvailable: 8192000 kB\nSwapTotal: 0 kB\n"
-                   "SwapFree: 0 kB\n")
-    governor = {"enabled": True, "interval_s": 0.1, "temperature_files": [str(temp)], "meminfo_file": str(mem),
-                "psi_file": "", "vcgencmd_command": ""}
-    daemon, port = http_daemon(tmp_path, gemma_path, governor=governor)
+    daemon, port = http_daemon(tmp_path, gemma_path, governor=hot_governor(tmp_path))
     with daemon:
         daemon.wait_ready()
         with daemon.client() as client:

@@ -16,6 +16,7 @@ from wyoming.info import Describe, Info
 
 from daemon.transports.wyoming import SPOKEN
 from tests.helpers import DaemonProcess, free_port, wait_status, write_config
+from tests.test_http_daemon import hot_governor
 
 
 def wyoming_daemon(tmp: Path, model: Path, **extra: Any) -> tuple[DaemonProcess, int]:
@@ -53,14 +54,7 @@ def test_describe_info_and_transcript_handled(tmp_path: Path, gemma_path: Path) 
 
 
 def test_throttled_is_not_handled_with_a_sentence_to_speak(tmp_path: Path, gemma_path: Path) -> None:
-    temp = tmp_path / "temp"
-    temp.write_text("79000\n")  # hot: the governor admits nothing
-    mem = tmp_path / "meminfo"
-    mem.write_text("MemTotal: 4194304 kB\nMemFree: 8192000 kB\nMemAvailable: 8192000 kB\nSwapTotal: 0 kB\n"
-                   "SwapFree: 0 kB\n")
-    governor = {"enabled": True, "interval_s": 0.1, "temperature_files": [str(temp)], "meminfo_file": str(mem),
-                "psi_file": "", "vcgencmd_command": ""}
-    daemon, port = wyoming_daemon(tmp_path, gemma_path, governor=governor)
+    daemon, port = wyoming_daemon(tmp_path, gemma_path, governor=hot_governor(tmp_path))
     with daemon:
         daemon.wait_ready()
         with daemon.client() as client:

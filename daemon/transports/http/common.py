@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.protocol import Code, EdgeError, Request, parse_request
+from daemon.protocol import Code, EdgeError, Request, new_request_id, parse_request
+from daemon.transports.http import tools as T
 
 if TYPE_CHECKING:
     from daemon.config import GenerationConfig
@@ -179,6 +180,20 @@ def to_protocol(obj: dict[str, Any], defaults: GenerationConfig, client_names: M
                 message = theirs + message[len(ours):]
                 break
         raise EdgeError(exc.code, message, retry_after_ms=exc.retry_after_ms) from None
+
+
+def chat_request(turns: list[T.Turn], tools: tuple[T.Tool, ...], choice: T.ToolChoice, fields: dict[str, Any],
+                 constraint: dict[str, Any], constraint_field: str) -> dict[str, Any]:
+    """The protocol request object for a chat: the turns with the tool prompt folded in, the
+    sampling `fields`, and either a constrained-output `constraint` or the tool-call grammar."""
+    if constraint and tools and choice.mode != "none":
+        raise EdgeError(Code.INVALID_REQUEST, f"{constraint_field}: cannot be combined with tools")
+    obj: dict[str, Any] = {"id": new_request_id(), "messages": T.chat_turns(turns, tools, choice), **fields,
+                           **constraint}
+    grammar = T.call_grammar(tools, choice) if grammar_supported() else None
+    if grammar is not None:
+        obj["grammar"] = grammar
+    return obj
 
 
 def number(obj: Mapping[str, Any], key: str, where: str) -> float | None:

@@ -20,6 +20,7 @@ from daemon.transports.http.common import (
     NOT_IMPLEMENTED,
     ServedModel,
     boolean,
+    chat_request,
     grammar_supported,
     integer,
     number,
@@ -184,19 +185,8 @@ def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: Serve
     turns = _turns(body.get("messages") or [])
     if not turns:
         return Plan(model, stream, None, keep_alive_s=keep_alive)
-    constraint = _constraint(body)
-    if constraint and tools and choice.mode != "none":
-        raise EdgeError(Code.INVALID_REQUEST, "format: cannot be combined with tools")
-    obj: dict[str, Any] = {
-        "id": new_request_id(),
-        "messages": T.chat_turns(turns, tools, choice),
-        "stream": stream,
-        **_sampling(options),
-        **constraint,
-    }
-    grammar = T.call_grammar(tools, choice) if grammar_supported() else None
-    if grammar is not None:
-        obj["grammar"] = grammar
+    fields = {"stream": stream, **_sampling(options)}
+    obj = chat_request(turns, tools, choice, fields, _constraint(body), "format")
     return Plan(model, stream, to_protocol(obj, defaults, _CLIENT_NAMES), tools, choice, keep_alive)
 
 

@@ -19,6 +19,7 @@ from daemon.transports.http.common import (
     NOT_IMPLEMENTED,
     ServedModel,
     boolean,
+    chat_request,
     grammar_supported,
     http_status,
     integer,
@@ -168,19 +169,8 @@ def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: Serve
     tools = T.parse_tools(body.get("tools"))
     choice = T.parse_tool_choice(body.get("tool_choice"), tools)
     turns = _turns(body.get("messages"))
-    constraint = _response_format(body)
-    if constraint and tools and choice.mode != "none":
-        raise EdgeError(Code.INVALID_REQUEST, "response_format: cannot be combined with tools")
-    obj: dict[str, Any] = {
-        "id": new_request_id(),
-        "messages": T.chat_turns(turns, tools, choice),
-        "stream": stream,
-        **_common(body),
-        **constraint,
-    }
-    grammar = T.call_grammar(tools, choice) if grammar_supported() else None
-    if grammar is not None:
-        obj["grammar"] = grammar
+    fields = {"stream": stream, **_common(body)}
+    obj = chat_request(turns, tools, choice, fields, _response_format(body), "response_format")
     return Plan(model, stream, include_usage, to_protocol(obj, defaults, _CLIENT_NAMES), tools, choice)
 
 
