@@ -1,4 +1,4 @@
-"""Tool calls end to end: a real daemon with the bundled model, the real `ollama` and `openai` clients.
+"""Tool calls and constrained output end to end: a real daemon with the bundled model, the real clients.
 
 The guarantee (a reply is text, or a call to a given tool whose arguments match its schema) is made
 by grammar-constrained sampling, which arrives with issue 9's `Request.grammar`: until this build has
@@ -111,3 +111,40 @@ def test_a_tool_result_is_fed_back_for_the_next_round(port: int) -> None:
     assert reply.message.content or reply.message.tool_calls
     for call in reply.message.tool_calls or ():
         valid(call.function.name, dict(call.function.arguments))
+
+
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"entity": {"type": "string", "enum": ["light.kitchen", "fan.hall"]},
+                   "action": {"type": "string", "enum": ["on", "off"]}},
+    "required": ["entity", "action"],
+}
+
+
+@pytest.mark.slow
+@needs_grammar
+def test_ollama_format_schema_gives_json_that_validates(port: int) -> None:
+    client = ollama.Client(host=f"http://127.0.0.1:{port}", timeout=300)
+    for seed in range(3):
+        reply = client.chat(model="edgellm", messages=[{"role": "user", "content": PROMPTS[seed]}],
+                            format=ANSWER_SCHEMA, options={"seed": seed, "num_predict": 48})
+        jsonschema.validate(json.loads(reply.message.content or ""), ANSWER_SCHEMA)
+
+
+@pytest.mark.slow
+@needs_grammar
+def test_openai_response_format_json_schema_gives_json_that_validates(port: int) -> None:
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
+    reply = client.chat.completions.create(
+        model="edgellm", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=48, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "command", "schema": ANSWER_SCHEMA}})
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), ANSWER_SCHEMA)
+
+
+def test_format_without_grammar_support_is_refused_clearly(port: int) -> None:
+    if grammar_supported():
+        pytest.skip("this build constrains output: the tests above cover it")
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama.Client(host=f"http://127.0.0.1:{port}").chat(
+            model="edgellm", messages=[{"role": "user", "content": "x"}], format="json")
+    assert refused.value.status_code == 501 and "grammar" in refused.value.error
