@@ -153,13 +153,26 @@ def test_chat_tool_history_is_folded_into_three_roles() -> None:
 
 def test_format_needs_the_grammar_sampler() -> None:
     body = {"model": "edgellm", "messages": [{"role": "user", "content": "x"}], "format": "json"}
-    if common.grammar_supported():
-        plan = ollama.chat_plan(body, DEFAULTS, SERVED)
-        assert plan.request is not None
-    else:
-        assert edge_error(ollama.chat_plan, body, DEFAULTS, SERVED).code == common.NOT_IMPLEMENTED
-    bad = edge_error(ollama.chat_plan, {**body, "format": 7}, DEFAULTS, SERVED)
-    assert bad.code == Code.INVALID_REQUEST
+    assert edge_error(ollama.chat_plan, body, DEFAULTS, SERVED).code == common.NOT_IMPLEMENTED
+    assert edge_error(ollama.chat_plan, {**body, "format": 7}, DEFAULTS, SERVED).code == Code.INVALID_REQUEST
+    openai_body = {"model": "edgellm", "messages": [{"role": "user", "content": "x"}],
+                   "response_format": {"type": "json_object"}}
+    assert edge_error(openai.chat_plan, openai_body, DEFAULTS, SERVED).code == common.NOT_IMPLEMENTED
+
+
+def test_with_a_constraint_compiler_tools_carry_their_grammar_and_format_its_field() -> None:
+    compiler = object()  # stands in for daemon.constraints.ConstraintCompiler: passed on, never called here
+    turns = [T.Turn("user", "lamp on")]
+    tools = T.parse_tools([LIGHT])
+    obj = common.chat_request(turns, tools, T.AUTO, {"stream": False}, {}, "format", compiler)
+    assert obj["grammar"] == T.call_grammar(tools, T.AUTO) and obj["stream"] is False
+    assert "grammar" not in common.chat_request(turns, tools, T.AUTO, {}, {}, "format", None)
+    assert "grammar" not in common.chat_request(turns, tools, T.NONE, {}, {}, "format", compiler)
+    schema = common.chat_request(turns, (), T.NONE, {}, {"json_schema": {"type": "object"}}, "format", compiler)
+    assert schema["json_schema"] == {"type": "object"} and "grammar" not in schema
+    with pytest.raises(EdgeError) as both:
+        common.chat_request(turns, tools, T.AUTO, {}, {"format": "json"}, "response_format", compiler)
+    assert both.value.message == "response_format: cannot be combined with tools"
 
 
 def test_generate_system_and_raw() -> None:

@@ -117,16 +117,13 @@ def test_auto_grammar_allows_plain_text_forced_ones_only_calls() -> None:
     assert '"\\"GetLiveContext\\""' in named and "HassTurnOn" not in named
 
 
-def test_unbounded_argument_strings_are_capped_bounded_ones_kept() -> None:
-    schema = T._arguments_schema({"type": "object", "properties": {
-        "free": {"type": "string"}, "short": {"type": "string", "maxLength": 5},
-        "pick": {"type": "string", "enum": ["a"]}, "list": {"type": "array", "items": {"type": "string"}}}})
-    props = schema["properties"]
-    assert props["free"]["maxLength"] == T.MAX_ARGUMENT_CHARS and props["short"]["maxLength"] == 5
-    assert "maxLength" not in props["pick"] and props["list"]["items"]["maxLength"] == T.MAX_ARGUMENT_CHARS
+def test_argument_strings_are_bounded_and_json_clean() -> None:
     grammar = T.call_grammar(T.parse_tools([{"function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"x": {"type": "string"}}}}}]), REQUIRED) or ""
-    assert grammar.count("(char") == T.MAX_ARGUMENT_CHARS  # the converter spells maxLength as nested options
+        "type": "object", "properties": {"x": {"type": "string"}, "y": {"type": "string", "maxLength": 5}}}}}]),
+        REQUIRED) or ""
+    assert f'string ::= "\\"" char{{0,{T.MAX_ARGUMENT_CHARS}}} "\\"" space' in grammar.split("\n")
+    assert "\\x00-\\x1F" in next(line for line in grammar.split("\n") if line.startswith("char ::= "))
+    assert grammar.count("(char") == 5  # a schema's own maxLength stays the converter's
 
 
 def test_call_schema_pins_the_name_and_requires_the_arguments() -> None:
@@ -146,6 +143,21 @@ def llm(gemma_path: Path) -> Any:
     model = llama_cpp.Llama(model_path=str(gemma_path), n_ctx=1024, n_threads=2, verbose=False)
     yield model
     model.close()
+
+
+@pytest.mark.parametrize("choice", [T.AUTO, REQUIRED, T.ToolChoice("named", "HassTurnOn")])
+def test_llama_cpp_parses_every_grammar(llm: Any, choice: T.ToolChoice) -> None:
+    import llama_cpp
+
+    unbounded = T.parse_tools([{"function": {"name": "Say", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}, "words": {"type": "array",
+                                                                              "items": {"type": "string"}}}}}}])
+    for tools in (TOOLS, unbounded + TOOLS):
+        grammar = T.call_grammar(tools, choice)
+        assert grammar is not None
+        sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
+        assert sampler, grammar  # NULL when llama.cpp cannot parse it
+        llama_cpp.llama_sampler_free(sampler)
 
 
 def sample(llm: Any, choice: T.ToolChoice, user: str, seed: int, max_tokens: int) -> str:

@@ -21,9 +21,11 @@ log = structlog.get_logger(__name__)
 
 
 class NetworkDoors:
-    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop, constraints: Any = None) -> None:
         self.backend = backend
         self.loop = loop
+        # Issue 9's constraint compiler, when the daemon has one: tool-call grammars and `format`.
+        self.constraints = constraints
         self.http: Any = None
         self.wyoming: Any = None
 
@@ -37,7 +39,7 @@ class NetworkDoors:
         if name == "http":
             from daemon.transports.http.server import HttpDoor
 
-            door = HttpDoor(cfg, self.backend, self.loop)
+            door = HttpDoor(cfg, self.backend, self.loop, self.constraints)
         else:
             from daemon.transports.wyoming import WyomingDoor
 

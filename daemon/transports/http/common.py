@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -163,16 +162,19 @@ def _stand_in_digest(path: str, size: int, mtime: float) -> str:
 # --- building protocol requests --------------------------------------------------------------
 
 
-def grammar_supported() -> bool:
-    """Does this build's protocol carry grammar-constrained sampling (issue 9's `Request.grammar`)?"""
-    return "grammar" in {f.name for f in dataclasses.fields(Request)}
+# `constraints` below is the daemon's constraint compiler (issue 9's `daemon.constraints`), passed on
+# to `parse_request`; None in a build or a daemon without grammar-constrained sampling: then tool
+# calls are prompted and parsed but not enforced, and `format`/`response_format` are refused (501).
+Constraints = Any
 
 
-def to_protocol(obj: dict[str, Any], defaults: GenerationConfig, client_names: Mapping[str, str]) -> Request:
+def to_protocol(obj: dict[str, Any], defaults: GenerationConfig, client_names: Mapping[str, str],
+                constraints: Constraints = None) -> Request:
     """`parse_request` on an object the adapter built; an error naming a protocol field is reworded
     with the client's own name for it (`max_tokens` -> `options.num_predict`)."""
+    extra: dict[str, Any] = {} if constraints is None else {"constraints": constraints}
     try:
-        return parse_request(obj, defaults)
+        return parse_request(obj, defaults, **extra)
     except EdgeError as exc:
         message = exc.message
         for ours, theirs in client_names.items():
@@ -183,14 +185,14 @@ def to_protocol(obj: dict[str, Any], defaults: GenerationConfig, client_names: M
 
 
 def chat_request(turns: list[T.Turn], tools: tuple[T.Tool, ...], choice: T.ToolChoice, fields: dict[str, Any],
-                 constraint: dict[str, Any], constraint_field: str) -> dict[str, Any]:
+                 constraint: dict[str, Any], constraint_field: str, constraints: Constraints) -> dict[str, Any]:
     """The protocol request object for a chat: the turns with the tool prompt folded in, the
     sampling `fields`, and either a constrained-output `constraint` or the tool-call grammar."""
     if constraint and tools and choice.mode != "none":
         raise EdgeError(Code.INVALID_REQUEST, f"{constraint_field}: cannot be combined with tools")
     obj: dict[str, Any] = {"id": new_request_id(), "messages": T.chat_turns(turns, tools, choice), **fields,
                            **constraint}
-    grammar = T.call_grammar(tools, choice) if grammar_supported() else None
+    grammar = T.call_grammar(tools, choice) if constraints is not None else None
     if grammar is not None:
         obj["grammar"] = grammar
     return obj
@@ -224,3 +226,8 @@ def boolean(obj: Mapping[str, Any], key: str, default: bool, where: str) -> bool
     if not isinstance(value, bool):
         raise EdgeError(Code.INVALID_REQUEST, f"{where}: must be true or false")
     return value
+
+
+def require_constraints(constraints: Constraints, field: str) -> None:
+    if constraints is None:
+        raise EdgeError(NOT_IMPLEMENTED, f"{field}: constrained output needs grammar sampling, not in this build")

@@ -17,13 +17,13 @@ from daemon.protocol import Code, DoneEvent, EdgeError, Request, new_request_id
 from daemon.transports.http import tools as T
 from daemon.transports.http.common import (
     MODEL_NOT_FOUND,
-    NOT_IMPLEMENTED,
+    Constraints,
     ServedModel,
     boolean,
     chat_request,
-    grammar_supported,
     integer,
     number,
+    require_constraints,
     to_protocol,
 )
 
@@ -117,7 +117,7 @@ def _sampling(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _constraint(body: Mapping[str, Any]) -> dict[str, Any]:
+def _constraint(body: Mapping[str, Any], constraints: Constraints) -> dict[str, Any]:
     """`format`: "json" or a JSON schema -> the protocol's constrained output (issue 9)."""
     fmt = body.get("format")
     if fmt in (None, ""):
@@ -128,8 +128,7 @@ def _constraint(body: Mapping[str, Any]) -> dict[str, Any]:
         constraint = {"json_schema": fmt}
     else:
         raise EdgeError(Code.INVALID_REQUEST, 'format: must be "json" or a JSON schema object')
-    if not grammar_supported():
-        raise EdgeError(NOT_IMPLEMENTED, "format: constrained output needs grammar sampling, not in this build")
+    require_constraints(constraints, "format")
     return constraint
 
 
@@ -172,7 +171,8 @@ def _tool_calls(value: Any, at: str) -> tuple[T.ToolCall, ...]:
     return tuple(calls)
 
 
-def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel) -> Plan:
+def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel,
+              constraints: Constraints = None) -> Plan:
     """POST /api/chat."""
     model = served.resolve(body.get("model"))
     stream = boolean(body, "stream", True, "stream")  # Ollama streams unless told not to
@@ -186,11 +186,12 @@ def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: Serve
     if not turns:
         return Plan(model, stream, None, keep_alive_s=keep_alive)
     fields = {"stream": stream, **_sampling(options)}
-    obj = chat_request(turns, tools, choice, fields, _constraint(body), "format")
-    return Plan(model, stream, to_protocol(obj, defaults, _CLIENT_NAMES), tools, choice, keep_alive)
+    obj = chat_request(turns, tools, choice, fields, _constraint(body, constraints), "format", constraints)
+    return Plan(model, stream, to_protocol(obj, defaults, _CLIENT_NAMES, constraints), tools, choice, keep_alive)
 
 
-def generate_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel) -> Plan:
+def generate_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel,
+                  constraints: Constraints = None) -> Plan:
     """POST /api/generate."""
     model = served.resolve(body.get("model"))
     stream = boolean(body, "stream", True, "stream")
@@ -206,13 +207,14 @@ def generate_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: S
     if not prompt:
         return Plan(model, stream, None, keep_alive_s=keep_alive)
     raw = boolean(body, "raw", False, "raw")
-    obj: dict[str, Any] = {"id": new_request_id(), "stream": stream, **_sampling(_options(body)), **_constraint(body)}
+    obj: dict[str, Any] = {"id": new_request_id(), "stream": stream, **_sampling(_options(body)),
+                           **_constraint(body, constraints)}
     if raw:
         obj.update(prompt=prompt, raw=True)
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         obj["messages"] = messages
-    return Plan(model, stream, to_protocol(obj, defaults, _CLIENT_NAMES), keep_alive_s=keep_alive)
+    return Plan(model, stream, to_protocol(obj, defaults, _CLIENT_NAMES, constraints), keep_alive_s=keep_alive)
 
 
 def _think(body: Mapping[str, Any]) -> None:

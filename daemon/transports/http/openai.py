@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 from daemon.protocol import Code, DoneEvent, EdgeError, Request, new_request_id
 from daemon.transports.http import tools as T
 from daemon.transports.http.common import (
-    NOT_IMPLEMENTED,
+    Constraints,
     ServedModel,
     boolean,
     chat_request,
-    grammar_supported,
     http_status,
     integer,
     number,
+    require_constraints,
     to_protocol,
 )
 
@@ -140,7 +140,7 @@ def _arguments(value: Any, at: str) -> dict[str, Any]:
     return parsed
 
 
-def _response_format(body: Mapping[str, Any]) -> dict[str, Any]:
+def _response_format(body: Mapping[str, Any], constraints: Constraints) -> dict[str, Any]:
     fmt = body.get("response_format")
     if fmt is None:
         return {}
@@ -155,14 +155,12 @@ def _response_format(body: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise EdgeError(Code.INVALID_REQUEST, "response_format.json_schema.schema: must be a JSON schema object")
         constraint = {"json_schema": spec["schema"]}
-    if not grammar_supported():
-        raise EdgeError(
-            NOT_IMPLEMENTED, "response_format: constrained output needs grammar sampling, not in this build"
-        )
+    require_constraints(constraints, "response_format")
     return constraint
 
 
-def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel) -> Plan:
+def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel,
+              constraints: Constraints = None) -> Plan:
     """POST /v1/chat/completions."""
     model = served.resolve(body.get("model"))
     stream, include_usage = _stream(body)
@@ -170,8 +168,9 @@ def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: Serve
     choice = T.parse_tool_choice(body.get("tool_choice"), tools)
     turns = _turns(body.get("messages"))
     fields = {"stream": stream, **_common(body)}
-    obj = chat_request(turns, tools, choice, fields, _response_format(body), "response_format")
-    return Plan(model, stream, include_usage, to_protocol(obj, defaults, _CLIENT_NAMES), tools, choice)
+    obj = chat_request(turns, tools, choice, fields, _response_format(body, constraints), "response_format",
+                       constraints)
+    return Plan(model, stream, include_usage, to_protocol(obj, defaults, _CLIENT_NAMES, constraints), tools, choice)
 
 
 def completion_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel) -> Plan:

@@ -39,6 +39,7 @@ from daemon.transports.http import tools as T
 from daemon.transports.http.common import (
     ROUTE_ERRORS,
     UNAUTHORIZED,
+    Constraints,
     ServedModel,
     error_details,
     error_headers,
@@ -127,10 +128,12 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
 class HttpDoor:
     """Lifecycle: `await start()`, `await stop()`; `await reconfigure(cfg)` on SIGHUP."""
 
-    def __init__(self, cfg: Config, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Config, backend: Backend, loop: asyncio.AbstractEventLoop,
+                 constraints: Constraints = None) -> None:
         self.cfg = cfg
         self.backend = backend
         self.loop = loop
+        self.constraints = constraints  # issue 9's compiler; None: tool calls unenforced, no format
         self._key: bytes | None = None
         self._runner: web.AppRunner | None = None
         self._last_used = datetime.now(timezone.utc)
@@ -278,11 +281,13 @@ class HttpDoor:
         return web.Response(body=_line(reply), content_type=NDJSON)
 
     async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
-        plan = ollama.chat_plan(await self._body(request), self.backend.defaults, self.served())
+        plan = ollama.chat_plan(await self._body(request), self.backend.defaults, self.served(),
+                       self.constraints)
         return await self._ollama(request, plan, chat=True)
 
     async def ollama_generate(self, request: web.Request) -> web.StreamResponse:
-        plan = ollama.generate_plan(await self._body(request), self.backend.defaults, self.served())
+        plan = ollama.generate_plan(await self._body(request), self.backend.defaults, self.served(),
+                       self.constraints)
         return await self._ollama(request, plan, chat=False)
 
     async def _ollama(self, request: web.Request, plan: ollama.Plan, chat: bool) -> web.StreamResponse:
@@ -333,7 +338,8 @@ class HttpDoor:
         return web.json_response(openai.models_reply(self.served()))
 
     async def openai_chat(self, request: web.Request) -> web.StreamResponse:
-        plan = openai.chat_plan(await self._body(request), self.backend.defaults, self.served())
+        plan = openai.chat_plan(await self._body(request), self.backend.defaults, self.served(),
+                       self.constraints)
         return await self._openai(request, plan, chat=True)
 
     async def openai_completions(self, request: web.Request) -> web.StreamResponse:

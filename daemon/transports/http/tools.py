@@ -200,6 +200,10 @@ def call_schema(tools: Sequence[Tool], choice: ToolChoice) -> dict[str, Any]:
 # A string argument with no bound of its own is capped, so a small model cannot spend its whole
 # max_tokens inside one string (the call would then be cut off, and be no call). docs/http.md.
 MAX_ARGUMENT_CHARS = 100
+# The converter's shared rules, replaced: its `char` admits raw control characters, which JSON (and
+# so the parser) refuses, and its `string` is unbounded. GBNF's {m,n} keeps the bound compact.
+_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+_STRING_RULE = f'string ::= "\\"" char{{0,{MAX_ARGUMENT_CHARS}}} "\\"" space'
 
 
 def _arguments_schema(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -210,28 +214,15 @@ def _arguments_schema(parameters: dict[str, Any]) -> dict[str, Any]:
         and parameters.get("additionalProperties") in (None, False)
     ):
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    bounded: dict[str, Any] = _bounded(parameters)
-    return bounded
+    return parameters
 
 
-def _bounded(schema: Any) -> Any:
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: _bounded_children(key, value) for key, value in schema.items()}
-    unbounded = not any(k in out for k in ("maxLength", "enum", "const", "pattern", "format"))
-    if out.get("type") == "string" and unbounded:
-        out["maxLength"] = MAX_ARGUMENT_CHARS
-    return out
-
-
-def _bounded_children(key: str, value: Any) -> Any:
-    if key == "properties" and isinstance(value, dict):
-        return {name: _bounded(sub) for name, sub in value.items()}
-    if key == "items" or key == "additionalProperties":
-        return _bounded(value)
-    if key in ("anyOf", "oneOf", "allOf") and isinstance(value, list):
-        return [_bounded(sub) for sub in value]
-    return value
+def _shared_rule(line: str) -> str:
+    if line.startswith("char ::= "):
+        return _CHAR_RULE
+    if line.startswith("string ::= "):
+        return _STRING_RULE
+    return line
 
 
 def call_grammar(tools: Sequence[Tool], choice: ToolChoice) -> str | None:
@@ -248,7 +239,7 @@ def call_grammar(tools: Sequence[Tool], choice: ToolChoice) -> str | None:
         call_rule = converter.visit(schema, "tool-call")
     except Exception as exc:  # the converter raises plain exceptions for what it cannot express
         raise EdgeError(Code.INVALID_REQUEST, f"tools: a parameters schema cannot be enforced: {exc}") from None
-    rules = converter.format_grammar()
+    rules = "\n".join(_shared_rule(line) for line in str(converter.format_grammar()).split("\n"))
     if choice.mode == "auto":
         return f"root ::= {call_rule} | plain-text\nplain-text ::= {PLAIN_TEXT_RULE}\n{rules}\n"
     return f"root ::= {call_rule}\n{rules}\n"
