@@ -323,3 +323,18 @@ def test_governor_throttled_is_503_with_retry_after(tmp_path: Path, gemma_path: 
         status, head, body = post(port, "/v1/chat/completions", {"model": "edgellm", "messages": HI})
     assert refused.value.status_code == 503 and "governor" in refused.value.error
     assert status == 503 and int(head["Retry-After"]) >= 1 and body["error"]["code"] == "throttled"
+
+
+def test_the_readme_curl_example_works(served: tuple[DaemonProcess, int]) -> None:
+    import shutil
+    import subprocess
+
+    from tests.helpers import REPO
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith("curl -s http://127.0.0.1:11434"))
+    command = line.replace(":11434", f":{served[1]}")
+    out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120, check=True).stdout
+    reply = json.loads(out)
+    assert reply["done"] is True and reply["eval_count"] == 8 and reply["response"]
