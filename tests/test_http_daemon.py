@@ -276,6 +276,7 @@ def test_a_flood_gets_503_with_retry_after_and_never_hangs(tmp_path: Path, gemma
             assert client.health()["state"] == "ready"
             busy = wait_status(client, lambda s: s["queue"]["running"] is not None)
             assert busy["queue"]["max_depth"] == 1
+            assert busy["http"]["port"] == port and busy["http"]["active"] >= 1
         for t in threads:
             t.join(300)
         assert not any(t.is_alive() for t in threads), "an HTTP request hung"

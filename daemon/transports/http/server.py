@@ -1,7 +1,7 @@
 """The HTTP door: aiohttp on the daemon's event loop, serving the Ollama and OpenAI APIs.
 
 A thin adapter: each call becomes one protocol `Request` submitted to the same `Backend` as the
-socket's (same queue, limits, governor and logs). Events reach the handler through `_Run`, a `Sink`
+socket's (same queue, limits, governor and logs). Events reach the handler through `Run`, a `Sink`
 that hands them to the loop with `call_soon_threadsafe`. Errors are mapped once, in `_errors`:
 an `EdgeError`'s code picks the status (common.http_status), the API picks the body shape. A client
 that disconnects has its handler cancelled (aiohttp's handler_cancellation), which cancels its request.
@@ -10,10 +10,7 @@ that disconnects has its handler cancelled (aiohttp's handler_cancellation), whi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-import json
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,29 +19,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from daemon.protocol import (
-    Code,
-    DoneEvent,
-    EdgeError,
-    ErrorEvent,
-    Event,
-    Origin,
-    QueuedEvent,
-    Request,
-    TokenEvent,
-    parse_json_object,
-)
+from daemon.protocol import Code, DoneEvent, EdgeError, Origin, Request, TokenEvent, parse_json_object
 from daemon.transports.http import ollama, openai
 from daemon.transports.http import tools as T
-from daemon.transports.http.common import (
-    ROUTE_ERRORS,
-    UNAUTHORIZED,
-    Constraints,
-    ServedModel,
-    error_details,
-    error_headers,
-    http_status,
-)
+from daemon.transports.http.common import ROUTE_ERRORS, UNAUTHORIZED, Constraints, ServedModel, error_details
+from daemon.transports.http.wire import NDJSON, Run, api_of, error_response, ndjson, now, sse
 from daemon.transports.served import current_model
 
 if TYPE_CHECKING:
@@ -54,75 +33,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-NDJSON = "application/x-ndjson"
-
-
-class _Run:
-    """One submitted request seen from a handler: `await next()` until the `DoneEvent`; an error
-    event is raised as `EdgeError`. `close()` cancels it unless it finished (the client left)."""
-
-    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop, request: Request, origin: Origin) -> None:
-        self.backend = backend
-        self.loop = loop
-        self.request = request
-        self.started = time.monotonic()
-        self.finished = False
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        backend.submit(request, self, origin)
-
-    def emit(self, event: Event) -> None:  # Sink: any thread, never blocks
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
-            self.loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    async def next(self) -> TokenEvent | DoneEvent:
-        while True:
-            event = await self._events.get()
-            if isinstance(event, QueuedEvent):
-                continue
-            if isinstance(event, ErrorEvent):
-                self.finished = True
-                raise EdgeError(event.code, event.message, retry_after_ms=event.retry_after_ms)
-            if isinstance(event, DoneEvent):
-                self.finished = True
-            assert isinstance(event, (TokenEvent, DoneEvent))
-            return event
-
-    def elapsed_ns(self) -> int:
-        return int((time.monotonic() - self.started) * 1e9)
-
-    def close(self) -> None:
-        if not self.finished:
-            self.finished = True
-            log.info("http.client_gone", id=self.request.id, cancelled=self.backend.cancel(self.request.id))
-
-
-def _api(request: web.Request) -> str:
-    return "openai" if request.path.startswith("/v1/") else "ollama"
-
-
-def error_response(api: str, exc: EdgeError) -> web.Response:
-    details = error_details(exc.code, exc.message)
-    if api == "openai":
-        body: dict[str, Any] = openai.error_body(exc.code, exc.message, details)
-    else:
-        body = {"error": exc.message, "code": exc.code, **details}
-    headers = error_headers(exc.code, exc.retry_after_ms)
-    if exc.code == UNAUTHORIZED:
-        headers["WWW-Authenticate"] = "Bearer"
-    return web.json_response(body, status=http_status(exc.code), headers=headers)
-
-
-def now() -> str:
-    return ollama.iso(datetime.now(timezone.utc))
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-
-
-def _sse(obj: dict[str, Any] | str) -> bytes:
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
 
 
 class HttpDoor:
@@ -137,7 +47,7 @@ class HttpDoor:
         self._key: bytes | None = None
         self._runner: web.AppRunner | None = None
         self._last_used = datetime.now(timezone.utc)
-        self.runs: set[_Run] = set()
+        self.runs: set[Run] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -158,10 +68,16 @@ class HttpDoor:
             await runner.cleanup()
             raise
         self._runner = runner
+        self.backend.add_status_section("http", self._status)
         log.info("http.listening", host=http.host, port=http.port, auth=self._key is not None)
+
+    def _status(self) -> dict[str, Any]:
+        return {"host": self.cfg.http.host, "port": self.cfg.http.port, "auth": self._key is not None,
+                "active": len(self.runs)}
 
     async def stop(self) -> None:
         if self._runner is not None:
+            self.backend.remove_status_section("http")
             runner, self._runner = self._runner, None
             await runner.cleanup()
             log.info("http.stopped")
@@ -191,7 +107,7 @@ class HttpDoor:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every failure becomes the API's own error shape, mapped from the protocol code once."""
-        api = _api(request)
+        api = api_of(request)
         try:
             return await handler(request)
         except EdgeError as exc:
@@ -233,12 +149,12 @@ class HttpDoor:
     def _origin(self, request: web.Request) -> Origin:
         return Origin("http", f"{request.remote or 'unknown'} {request.path}")
 
-    def _start(self, request: web.Request, protocol_request: Request) -> _Run:
-        run = _Run(self.backend, self.loop, protocol_request, self._origin(request))
+    def _start(self, request: web.Request, protocol_request: Request) -> Run:
+        run = Run(self.backend, self.loop, protocol_request, self._origin(request))
         self.runs.add(run)
         return run
 
-    def _end(self, run: _Run) -> None:
+    def _end(self, run: Run) -> None:
         run.close()
         self.runs.discard(run)
         self._last_used = datetime.now(timezone.utc)
@@ -278,7 +194,7 @@ class HttpDoor:
         reply = ollama.pull_reply(body, self.served(), present)
         if body.get("stream", True) is False:
             return web.json_response(reply)
-        return web.Response(body=_line(reply), content_type=NDJSON)
+        return web.Response(body=ndjson(reply), content_type=NDJSON)
 
     async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
         plan = ollama.chat_plan(await self._body(request), self.backend.defaults, self.served(),
@@ -293,7 +209,7 @@ class HttpDoor:
     async def _ollama(self, request: web.Request, plan: ollama.Plan, chat: bool) -> web.StreamResponse:
         if plan.request is None:
             reply = ollama.load_reply(plan.model, now(), chat)
-            return web.Response(body=_line(reply), content_type=NDJSON) if plan.stream else web.json_response(reply)
+            return web.Response(body=ndjson(reply), content_type=NDJSON) if plan.stream else web.json_response(reply)
         tools = plan.tools if plan.choice.mode != "none" else ()
         run = self._start(request, plan.request)
         try:
@@ -315,18 +231,18 @@ class HttpDoor:
                 while isinstance(event, TokenEvent):
                     text = splitter.feed(event.text)
                     if text:
-                        await response.write(_line(line(plan.model, now(), text)))
+                        await response.write(ndjson(line(plan.model, now(), text)))
                     event = await run.next()
                 rest, call = splitter.finish()
                 if rest:
-                    await response.write(_line(line(plan.model, now(), rest)))
+                    await response.write(ndjson(line(plan.model, now(), rest)))
                 if chat:
                     final = ollama.chat_final(plan.model, now(), event, run.elapsed_ns(), "", [call] if call else [])
                 else:
                     final = ollama.generate_final(plan.model, now(), event, run.elapsed_ns(), "")
-                await response.write(_line(final))
+                await response.write(ndjson(final))
             except EdgeError as exc:  # after the headers: the error goes in the stream, as Ollama does
-                await response.write(_line({"error": exc.message, "code": exc.code}))
+                await response.write(ndjson({"error": exc.message, "code": exc.code}))
             await response.write_eof()
             return response
         finally:
@@ -363,32 +279,32 @@ class HttpDoor:
             splitter = T.ReplySplitter(tools)
             try:
                 if chat:
-                    await response.write(_sse(openai.chat_chunk(cid, plan.model, {"role": "assistant", "content": ""})))
+                    await response.write(sse(openai.chat_chunk(cid, plan.model, {"role": "assistant", "content": ""})))
                 while isinstance(event, TokenEvent):
                     text = splitter.feed(event.text)
                     if text:
                         chunk = (openai.chat_chunk(cid, plan.model, {"content": text}) if chat
                                  else openai.text_chunk(cid, plan.model, text))
-                        await response.write(_sse(chunk))
+                        await response.write(sse(chunk))
                     event = await run.next()
                 rest, call = splitter.finish()
                 calls = [call] if call else []
                 if chat:
                     if rest:
-                        await response.write(_sse(openai.chat_chunk(cid, plan.model, {"content": rest})))
+                        await response.write(sse(openai.chat_chunk(cid, plan.model, {"content": rest})))
                     if calls:
                         delta = {"tool_calls": [{"index": 0, **c} for c in T.openai_tool_calls(calls)]}
-                        await response.write(_sse(openai.chat_chunk(cid, plan.model, delta)))
+                        await response.write(sse(openai.chat_chunk(cid, plan.model, delta)))
                     final = openai.chat_chunk(cid, plan.model, {}, openai.finish_reason(event, calls))
                 else:
                     final = openai.text_chunk(cid, plan.model, rest, openai.finish_reason(event, ()))
-                await response.write(_sse(final))
+                await response.write(sse(final))
                 if plan.include_usage:
-                    await response.write(_sse(openai.usage_chunk(cid, plan.model, event, chat)))
+                    await response.write(sse(openai.usage_chunk(cid, plan.model, event, chat)))
             except EdgeError as exc:
                 details = error_details(exc.code, exc.message)
-                await response.write(_sse(openai.error_body(exc.code, exc.message, details)))
-            await response.write(_sse("[DONE]"))
+                await response.write(sse(openai.error_body(exc.code, exc.message, details)))
+            await response.write(sse("[DONE]"))
             await response.write_eof()
             return response
         finally:
