@@ -60,6 +60,7 @@ class NetworkDoors:
                     await self._open(name, cfg)
             except Exception as exc:  # a busy port must not take the other doors down
                 log.error("door.reload_failed", door=name, error=str(exc))
+                setattr(self, name, None)  # stopped by the failed restart; the next reload starts it anew
 
     async def stop(self) -> None:
         for name in ("http", "wyoming"):
