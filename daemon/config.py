@@ -244,6 +244,25 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    # The HTTP door (daemon/transports/http/): the Ollama and OpenAI APIs on one port.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = field(default=11434, metadata=_meta(min=1, max=65535))
+    api_key_file: str = field(default="", metadata=_meta(path=True))
+    allow_unauthenticated: bool = False
+
+
+@dataclass(frozen=True)
+class WyomingConfig:
+    # The Wyoming conversation service (daemon/transports/wyoming.py) for Home Assistant's Assist.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = field(default=10700, metadata=_meta(min=1, max=65535))
+    zeroconf: bool = False
+
+
+@dataclass(frozen=True)
 class GovernorConfig:
     # Owned by the governor (daemon/governor.py, daemon/sensors.py): its keys are added here.
     # Rules between these keys are in validate_governor_config below; docs/governor.md explains them.
@@ -295,6 +314,8 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    wyoming: WyomingConfig = field(default_factory=WyomingConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     # Per-request resource limits; the class (with its bounds) lives in daemon.protocol, which enforces them.
     limits: Limits = field(default_factory=Limits)
@@ -525,6 +546,8 @@ def _cross_checks(cfg: Config, ctx: _Context) -> Config:
             cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(mqtt, host=ctx.resolve(mqtt.host)))
     elif not mqtt.host:
         ctx.error("mqtt.host", "must not be empty")
+    for key, message in _door_rules(cfg):
+        ctx.error(key, message)
     for key, message in validate_governor_config(cfg.governor):
         ctx.error(key, message)
     return cfg
@@ -566,6 +589,37 @@ def validate_governor_config(cfg: GovernorConfig) -> list[tuple[str, str]]:
     if cfg.blind_duty < cfg.min_duty:
         fail("blind_duty", f"must be >= governor.min_duty (got {cfg.blind_duty:g} < {cfg.min_duty:g})")
     return errors
+
+
+def is_loopback_host(host: str) -> bool:
+    """Does binding to `host` keep a listener on this machine only?"""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def _door_rules(cfg: Config) -> list[tuple[str, str]]:
+    """Secure by default: a network door reachable from other machines needs a key."""
+    out: list[tuple[str, str]] = []
+    http = cfg.http
+    if not http.host:
+        out.append(("http.host", "must not be empty"))
+    elif http.enabled and not is_loopback_host(http.host) and not http.api_key_file and not http.allow_unauthenticated:
+        out.append((
+            "http.api_key_file",
+            f"must be set when http.host ({_show(http.host)}) is not a loopback address, or anyone on the "
+            "network can use the model; set http.allow_unauthenticated = true to allow that on purpose",
+        ))
+    if not cfg.wyoming.host:
+        out.append(("wyoming.host", "must not be empty"))
+    if http.enabled and cfg.wyoming.enabled and http.port == cfg.wyoming.port:
+        out.append(("wyoming.port", f"must differ from http.port (both {http.port})"))
+    return out
 
 
 def _describe(value: Any) -> str:

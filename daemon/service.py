@@ -23,6 +23,7 @@ from daemon.config import Config, ConfigError, load_config
 from daemon.engine import Engine
 from daemon.logs import configure_logging
 from daemon.paths import serve_socket_path, state_dir
+from daemon.transports.network import NetworkDoors
 from daemon.transports.unix_socket import UnixSocketServer
 from daemon.worker import InferenceWorker
 
@@ -55,6 +56,7 @@ class Daemon:
         self.worker = InferenceWorker(self.cfg, self._make_engine)
         self.socket_server: UnixSocketServer | None = None
         self.mqtt: Any = None
+        self.doors: NetworkDoors | None = None  # HTTP and Wyoming
         self.sensors: Any = None
         self._stop = asyncio.Event()
         self._force = False  # a second stop signal: skip the drain
@@ -142,6 +144,8 @@ class Daemon:
         await self.socket_server.start(inherited[0] if inherited else None)
         if self.cfg.mqtt.enabled:
             self._start_mqtt(self.cfg)
+        self.doors = NetworkDoors(self.worker, loop)
+        await self.doors.start(self.cfg)
 
     def _start_mqtt(self, cfg: Config) -> None:
         from daemon.transports.mqtt import MqttTransport
@@ -194,6 +198,8 @@ class Daemon:
         if self.socket_server is not None:
             await asyncio.sleep(0.05)  # let the last events reach the event loop
             await self.socket_server.stop()
+        if self.doors is not None:
+            await self.doors.stop()
         log.info("daemon.stopped", drained=drained)
 
     # --- reload ----------------------------------------------------------------------------
@@ -242,6 +248,8 @@ class Daemon:
                 self.mqtt = None
         elif self.mqtt is None and new.mqtt.enabled:
             self._start_mqtt(new)
+        if self.doors is not None:
+            await self.doors.reload(new)
         log.info("config.reloaded", source=new.source)
 
     def _reload_governor(self, new: Config) -> None:
