@@ -342,7 +342,7 @@ def _opt_int(obj: dict[str, Any], name: str, default: int | None, lo: int, hi: i
     if isinstance(value, bool) or not isinstance(value, int):
         raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be an integer, got {_json_type(value)}")
     if not lo <= value <= hi:
-        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {value}")
+        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {_short(value)}")
     return value
 
 
@@ -358,11 +358,21 @@ def _opt_float(obj: dict[str, Any], name: str, default: float, lo: float, hi: fl
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be a number, got {_json_type(value)}")
-    if not math.isfinite(value):
-        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be a finite number, got {value}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer literal too large for a float (hundreds of digits)
+        finite = False
+    if not finite:
+        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be a finite number, got {_short(value)}")
     if not lo <= value <= hi:
-        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {value}")
+        raise EdgeError(Code.INVALID_REQUEST, f"{name}: must be between {lo} and {hi}, got {_short(value)}")
     return float(value)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """An offending value for an error message: never more than a short prefix of it."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _json_type(value: Any) -> str:
