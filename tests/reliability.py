@@ -32,6 +32,20 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def rss_anon_kb(pid: int) -> int:
+    """Anonymous resident memory in KiB (RssAnon): the heap, without file-backed pages."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no RssAnon for pid {pid}")
+
+
+# Daemons of the reliability tests read the model into memory at load instead of mapping it: with
+# mmap, RSS grows by file pages of the weights as new tokens are first seen, which is no leak but
+# would hide one. With `use_mmap = false` VmRSS is flat once loaded, so its growth means allocation.
+NO_MMAP = {"engine": {"use_mmap": False}}
+
+
 def fd_count(pid: int) -> int:
     """How many file descriptors a process has open."""
     return len(os.listdir(f"/proc/{pid}/fd"))

@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from tests.fuzz_inputs import ANY_ID, INVALID_JSON, PAYLOAD_TOO_LARGE, Case, malformed, oversize
 from tests.helpers import DaemonProcess
 from tests.mqtt_broker import MosquittoBroker, Probe
-from tests.reliability import LineSocket, report, rss_kb, wait_count
+from tests.reliability import NO_MMAP, LineSocket, report, rss_kb, wait_count
 from tests.test_mqtt_daemon import start_daemon
 
 pytestmark = pytest.mark.soak
@@ -47,6 +47,7 @@ def daemon(
     tmp_path_factory: pytest.TempPathFactory, gemma_path: Path, broker: MosquittoBroker
 ) -> Iterator[DaemonProcess]:
     overrides = {
+        **NO_MMAP,
         "model": {"n_ctx": 512},
         "logging": {"level": "info"},
         "socket": {"max_request_bytes": LINE_LIMIT},
