@@ -149,19 +149,24 @@ def test_broker_restarted_10_times_during_a_soak_loses_and_duplicates_nothing(
         # MQTT and not yet acknowledged); a request it no longer holds and never answered is lost.
         deadline = time.monotonic() + ANSWER_WAIT_S
         idle_since: float | None = None
+        still_busy = True
         while time.monotonic() < deadline and not accepted <= set(finals()):
-            holding = busy(daemon)
-            if holding:
+            still_busy = busy(daemon)
+            if still_busy:
                 idle_since = None
             elif idle_since is None:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > 10:
                 break
             time.sleep(0.5)
+        else:
+            still_busy = not accepted <= set(finals()) and busy(daemon)
         time.sleep(2.0)  # late copies would arrive now
         elapsed = time.monotonic() - started
         got = finals()
-        lost = sorted(accepted - set(got))
+        unanswered = sorted(accepted - set(got))
+        # Unanswered while the daemon still holds work is "too slow for the bound", not lost.
+        lost = [] if still_busy else unanswered
         duplicated = sorted(rid for rid, events in got.items() if len({without_seq(e) for e in events}) > 1)
         redelivered = sum(len(events) - 1 for events in got.values())
         errors = [events[0] for events in got.values() if events[0]["event"] == "error"]
@@ -175,6 +180,7 @@ def test_broker_restarted_10_times_during_a_soak_loses_and_duplicates_nothing(
             accepted=len(accepted),
             answered=len(set(got) & accepted),
             lost=len(lost),
+            unanswered_still_held=len(unanswered) if still_busy else 0,
             duplicated=len(duplicated),
             redelivered_same_answer=redelivered,
             error_answers=len(errors),
@@ -188,6 +194,9 @@ def test_broker_restarted_10_times_during_a_soak_loses_and_duplicates_nothing(
         )
         assert not failures, failures
         assert len(accepted) == len(infos) == FLAP_REQUESTS // SENDERS * SENDERS
+        assert not (still_busy and unanswered), (
+            f"{len(unanswered)} requests still queued or in flight after {ANSWER_WAIT_S} s (too slow, not lost)"
+        )
         assert not lost, f"{len(lost)} accepted requests never answered: {lost[:10]}"
         assert not duplicated, f"answered twice with different answers: {[got[r] for r in duplicated[:3]]}"
         assert not errors, errors[:5]
