@@ -46,6 +46,22 @@ def rss_anon_kb(pid: int) -> int:
 NO_MMAP = {"engine": {"use_mmap": False}}
 
 
+# Mosquitto drops messages beyond `max_queued_messages` per client (default 1000) itself: a flood
+# must measure the daemon, not the broker (/work/shared/client-facts.md).
+UNBOUNDED_BROKER_QUEUE = "max_queued_messages 0\n"
+
+
+def start_mqtt_daemon(
+    tmp: Path, model: Path, broker: Any, node: str, queue_depth: int, extra: dict[str, Any] | None = None
+) -> Any:
+    """A daemon for these tests: MQTT on `broker` as `node`, no mmap, a small context, info logs."""
+    from tests.helpers import merge
+    from tests.test_mqtt_daemon import start_daemon
+
+    overrides = {**NO_MMAP, "model": {"n_ctx": 256}, "queue": {"max_depth": queue_depth}, "logging": {"level": "info"}}
+    return start_daemon(tmp, model, broker, node, merge(overrides, extra or {}))
+
+
 def fd_count(pid: int) -> int:
     """How many file descriptors a process has open."""
     return len(os.listdir(f"/proc/{pid}/fd"))

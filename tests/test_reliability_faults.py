@@ -27,8 +27,7 @@ from paho.mqtt.properties import Properties
 from daemon.client import ClientError
 from tests.helpers import DaemonProcess
 from tests.mqtt_broker import MosquittoBroker, Probe
-from tests.reliability import NO_MMAP, op_call, report
-from tests.test_mqtt_daemon import start_daemon
+from tests.reliability import UNBOUNDED_BROKER_QUEUE, op_call, report, start_mqtt_daemon
 
 pytestmark = pytest.mark.soak
 
@@ -42,7 +41,7 @@ PROMPTS = ["Once upon a time, there was a little", "The cat sat on the", "One, t
 
 @pytest.fixture()
 def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    with MosquittoBroker(tmp_path / "broker", extra_config="max_queued_messages 0\n") as b:
+    with MosquittoBroker(tmp_path / "broker", extra_config=UNBOUNDED_BROKER_QUEUE) as b:
         yield b
 
 
@@ -65,13 +64,7 @@ def test_broker_restarted_10_times_during_a_soak_loses_and_duplicates_nothing(
 ) -> None:
     node = "flap"
     prefix = f"edgellm/{node}"
-    daemon = start_daemon(
-        tmp_path / "daemon",
-        gemma_path,
-        broker,
-        node,
-        {**NO_MMAP, "model": {"n_ctx": 256}, "queue": {"max_depth": 256}, "logging": {"level": "info"}},
-    )
+    daemon = start_mqtt_daemon(tmp_path / "daemon", gemma_path, broker, node, queue_depth=256)
     probes = [
         Probe(broker, [f"flap/{c}"], client_id=f"flap-client-{c}", persistent=True) for c in range(SENDERS)
     ]

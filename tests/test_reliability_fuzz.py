@@ -23,8 +23,7 @@ from paho.mqtt.properties import Properties
 from tests.fuzz_inputs import ANY_ID, INVALID_JSON, PAYLOAD_TOO_LARGE, Case, malformed, oversize
 from tests.helpers import DaemonProcess
 from tests.mqtt_broker import MosquittoBroker, Probe
-from tests.reliability import NO_MMAP, LineSocket, report, rss_kb, wait_count
-from tests.test_mqtt_daemon import start_daemon
+from tests.reliability import UNBOUNDED_BROKER_QUEUE, LineSocket, report, rss_kb, start_mqtt_daemon, wait_count
 
 pytestmark = pytest.mark.soak
 
@@ -38,7 +37,7 @@ NORMAL = {"prompt": "Once upon a time, there was a little", "raw": True, "max_to
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    with MosquittoBroker(tmp_path_factory.mktemp("fuzz-broker"), extra_config="max_queued_messages 0\n") as b:
+    with MosquittoBroker(tmp_path_factory.mktemp("fuzz-broker"), extra_config=UNBOUNDED_BROKER_QUEUE) as b:
         yield b
 
 
@@ -46,14 +45,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker
 def daemon(
     tmp_path_factory: pytest.TempPathFactory, gemma_path: Path, broker: MosquittoBroker
 ) -> Iterator[DaemonProcess]:
-    overrides = {
-        **NO_MMAP,
-        "model": {"n_ctx": 512},
-        "logging": {"level": "info"},
-        "socket": {"max_request_bytes": LINE_LIMIT},
-        "mqtt": {"max_payload_bytes": LINE_LIMIT},
-    }
-    d = start_daemon(tmp_path_factory.mktemp("fuzz-daemon"), gemma_path, broker, NODE, overrides)
+    limits = {"socket": {"max_request_bytes": LINE_LIMIT}, "mqtt": {"max_payload_bytes": LINE_LIMIT}}
+    d = start_mqtt_daemon(tmp_path_factory.mktemp("fuzz-daemon"), gemma_path, broker, NODE, queue_depth=8, extra=limits)
     yield d
     d.stop()
 

@@ -37,6 +37,7 @@ from tests.helpers import DaemonProcess, wait_status, write_config
 from tests.mqtt_broker import MosquittoBroker, Probe
 from tests.reliability import (
     NO_MMAP,
+    UNBOUNDED_BROKER_QUEUE,
     fd_count,
     op_call,
     percentiles,
@@ -44,8 +45,8 @@ from tests.reliability import (
     rss_anon_kb,
     rss_kb,
     settle_fds,
+    start_mqtt_daemon,
 )
-from tests.test_mqtt_daemon import start_daemon
 
 pytestmark = pytest.mark.soak
 
@@ -192,7 +193,7 @@ def mqtt_soak_client(
 
 @pytest.fixture()
 def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    with MosquittoBroker(tmp_path / "broker", extra_config="max_queued_messages 0\n") as b:
+    with MosquittoBroker(tmp_path / "broker", extra_config=UNBOUNDED_BROKER_QUEUE) as b:
         yield b
 
 
@@ -245,18 +246,8 @@ def test_soak_2000_requests_from_16_clients_on_both_doors(
 ) -> None:
     node = "soak"
     prefix = f"edgellm/{node}"
-    daemon = start_daemon(
-        tmp_path / "daemon",
-        gemma_path,
-        broker,
-        node,
-        {
-            **NO_MMAP,
-            "model": {"n_ctx": 256},
-            "queue": {"max_depth": 32},
-            "generation": {"max_tokens": 16},
-            "logging": {"level": "info"},
-        },
+    daemon = start_mqtt_daemon(
+        tmp_path / "daemon", gemma_path, broker, node, queue_depth=32, extra={"generation": {"max_tokens": 16}}
     )
     try:
         pid = daemon.proc.pid
@@ -391,13 +382,7 @@ def test_flood_of_10000_mqtt_requests_against_a_small_queue(
 ) -> None:
     node = "flood"
     prefix = f"edgellm/{node}"
-    daemon = start_daemon(
-        tmp_path / "daemon",
-        gemma_path,
-        broker,
-        node,
-        {**NO_MMAP, "model": {"n_ctx": 256}, "queue": {"max_depth": 4}, "logging": {"level": "info"}},
-    )
+    daemon = start_mqtt_daemon(tmp_path / "daemon", gemma_path, broker, node, queue_depth=4)
     receiver = FloodReceiver(broker, "flood/inbox")
     flooder = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2, client_id="flooder", protocol=MQTTProtocolVersion.MQTTv5
