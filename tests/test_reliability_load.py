@@ -55,9 +55,10 @@ FLOOD_REQUESTS = int(os.environ.get("EDGELLM_FLOOD_REQUESTS", "10000"))
 SOCKET_CLIENTS = 8
 MQTT_CLIENTS = 8
 # Bounds, not targets: a loop that has not finished by then stops and the test fails on its counts.
-SOAK_TIME_LIMIT_S = 480.0
-# Longest wait for one answer (a loaded CI box with 16 requests ahead), then the client gives up.
-ANSWER_TIMEOUT_S = 180.0
+SOAK_TIME_LIMIT_S = float(os.environ.get("EDGELLM_SOAK_SECONDS", "480"))
+# Longest wait for one answer, then the client gives up: generous, because a box shared with other
+# work decodes far slower than an idle one (measured here: 0.1 tok/s instead of 64).
+ANSWER_TIMEOUT_S = 600.0
 FINAL_CODES = {"deadline_exceeded", "cancelled", "queue_full"}
 PROMPTS = [
     "Once upon a time, there was a little",
@@ -199,15 +200,15 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 def warm_up(daemon: DaemonProcess, broker: MosquittoBroker, prefix: str) -> None:
     """Both doors once each, so buffers that are allocated on first use count in the baseline."""
-    for _ in range(3):
-        with daemon.client(timeout=60) as c:
+    for _ in range(2):
+        with daemon.client(timeout=ANSWER_TIMEOUT_S) as c:
             assert c.call(dict(ONCE))["event"] == "done"
             chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}
             assert c.call(chat)["event"] == "done"
     with Probe(broker, ["warm/inbox"]) as probe:
-        for n in range(3):
+        for n in range(2):
             probe.publish(f"{prefix}/request", {"id": f"warm-{n}", **ONCE}, response_topic="warm/inbox")
-            assert probe.wait_final(f"warm-{n}")["event"] == "done"
+            assert probe.wait_final(f"warm-{n}", timeout=ANSWER_TIMEOUT_S)["event"] == "done"
 
 
 def quiet(daemon: DaemonProcess, timeout: float = 30.0) -> dict[str, Any]:
@@ -554,7 +555,7 @@ def test_a_client_that_never_reads_blocks_neither_others_nor_the_model(socket_da
                          b' "stream": true, "temperature": 0}\n')
     # C: a normal client, meanwhile, gets the same answers as when it was alone.
     took = []
-    for _ in range(3):
+    for _ in range(2):
         text, seconds = answer(daemon)
         assert text == expected
         took.append(seconds)
