@@ -567,7 +567,6 @@ def test_a_client_that_never_reads_blocks_neither_others_nor_the_model(socket_da
     received, dropped = drain(flooder)
     flooder.close()
     assert dropped, "a client that never reads was not disconnected"
-    assert len(received) < len(status_line) * 4000 * 100  # far fewer replies than it asked for
     replies = received.count(b'"event":"status"')
     assert replies < 4000, f"all {replies} status replies were buffered for a client that does not read"
 
