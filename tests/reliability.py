@@ -62,6 +62,18 @@ def start_mqtt_daemon(
     return start_daemon(tmp, model, broker, node, merge(overrides, extra or {}))
 
 
+def busy(daemon: Any) -> bool:
+    """The daemon holds requests: queued, or received over MQTT and not yet acknowledged (status)."""
+    from daemon.client import ClientError
+
+    try:
+        with daemon.client(timeout=10) as c:
+            status = c.status()
+    except (ClientError, OSError):
+        return True
+    return bool(status["queue"]["depth"] or status.get("mqtt", {}).get("inflight"))
+
+
 def fd_count(pid: int) -> int:
     """How many file descriptors a process has open."""
     return len(os.listdir(f"/proc/{pid}/fd"))

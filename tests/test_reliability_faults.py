@@ -24,10 +24,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon.client import ClientError
-from tests.helpers import DaemonProcess
 from tests.mqtt_broker import MosquittoBroker, Probe
-from tests.reliability import UNBOUNDED_BROKER_QUEUE, op_call, report, start_mqtt_daemon
+from tests.reliability import UNBOUNDED_BROKER_QUEUE, busy, op_call, report, start_mqtt_daemon
 
 pytestmark = pytest.mark.soak
 
@@ -43,16 +41,6 @@ PROMPTS = ["Once upon a time, there was a little", "The cat sat on the", "One, t
 def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     with MosquittoBroker(tmp_path / "broker", extra_config=UNBOUNDED_BROKER_QUEUE) as b:
         yield b
-
-
-def busy(daemon: DaemonProcess) -> bool:
-    """The daemon holds requests: queued, or received over MQTT and not yet acknowledged."""
-    try:
-        with daemon.client(timeout=10) as c:
-            status = c.status()
-    except (ClientError, OSError):
-        return True
-    return bool(status["queue"]["depth"] or status.get("mqtt", {}).get("inflight"))
 
 
 def without_seq(event: dict[str, Any]) -> str:
