@@ -174,21 +174,23 @@ def mqtt_soak_client(
     inbox = f"soak/{index}"
     try:
         with Probe(broker, [inbox]) as probe:
-            for n in range(count):
-                if time.monotonic() > stop_at:
-                    break
-                request, cancel = soak_request(rng, f"mqtt{index}-{n}")
-                outcomes.record_sent(request)
-                probe.publish(f"{prefix}/request", request, response_topic=inbox)
-                if cancel:
-                    time.sleep(rng.uniform(0, 0.05))
-                    probe.publish(f"{prefix}/cancel", {"id": request["id"]})
-                probe.wait_final(request["id"], timeout=ANSWER_TIMEOUT_S)
-            time.sleep(1.0)  # a second final, if any, would arrive now
-            for m in list(probe.messages):
-                event = m.json
-                if event.get("event") != "cancel":
-                    outcomes.record(event)
+            try:
+                for n in range(count):
+                    if time.monotonic() > stop_at:
+                        break
+                    request, cancel = soak_request(rng, f"mqtt{index}-{n}")
+                    outcomes.record_sent(request)
+                    probe.publish(f"{prefix}/request", request, response_topic=inbox)
+                    if cancel:
+                        time.sleep(rng.uniform(0, 0.05))
+                        probe.publish(f"{prefix}/cancel", {"id": request["id"]})
+                    probe.wait_final(request["id"], timeout=ANSWER_TIMEOUT_S)
+                time.sleep(1.0)  # a second final, if any, would arrive now
+            finally:
+                for m in list(probe.messages):
+                    event = m.json
+                    if event.get("event") != "cancel":
+                        outcomes.record(event)
     except Exception as exc:
         outcomes.errors.append(f"mqtt client {index}: {type(exc).__name__}: {exc}")
 
