@@ -157,11 +157,11 @@ class RssGrowthError(AssertionError):
     """The fuzz grew the daemon's RSS by 20 MB or more."""
 
 
-# Open, in the MQTT door (daemon/transports/mqtt.py, issue 11 §2 "bound the inbox"): the door takes
-# in up to the broker's in-flight window (20) of requests before answering any, and holds each
-# payload whole, 10 MB ones included, although anything over `mqtt.max_payload_bytes` is refused
-# unread. When the door falls behind, several 10 MB payloads are in memory at once and the
-# allocator keeps the peak: RSS +76 MB measured here on a loaded box (+10 MB when it kept up).
+# Open, in the MQTT door (daemon/transports/mqtt.py, issue 11 §2 "bound the inbox"). Likely cause:
+# the door takes in up to the broker's in-flight window (20) of messages before it answers them
+# and holds each payload whole, 10 MB ones included, although anything over `max_payload_bytes`
+# is refused. When it falls behind, several 10 MB payloads are in memory at once and the allocator
+# keeps the peak: RSS +76 MB measured here on a loaded box (+10 MB in a run where it kept up).
 # Timing-dependent, so not strict. Every other check of the test still fails it.
 @pytest.mark.xfail(
     strict=False,
