@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DaemonProcess, write_config
+from tests.reliability import pytest_terminal_summary  # noqa: F401  (prints the reliability figures)
 
 
 def _model_cache() -> Path:
