@@ -69,8 +69,27 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-class EdgeDaemon:
+class _Child:
+    """A process this run started (and only it stops, by its id)."""
+
+    what = "process"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError(f"{self.what} not started")
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc)
+
+
+class EdgeDaemon(_Child):
     """`edgellm serve` with a generated config; `start()` returns once its socket says ready."""
+
+    what = "edgellm serve"
 
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
         self.dir = workdir
@@ -80,13 +99,6 @@ class EdgeDaemon:
         self.config_path = self.dir / "config.toml"
         self.config_path.write_text(toml_text(config))
         self.log_path = self.dir / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError("daemon not started")
-        return self.proc.pid
 
     def start(self, timeout: float = 180.0) -> EdgeDaemon:
         env = dict(os.environ)
@@ -117,10 +129,6 @@ class EdgeDaemon:
     def status(self) -> dict[str, Any]:
         with Client(self.socket_path, timeout=30) as client:
             return client.status()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc)
 
 
 class Broker:
@@ -162,8 +170,10 @@ class Broker:
             _stop_process(self.proc, 10)
 
 
-class LlamaServer:
+class LlamaServer(_Child):
     """llama.cpp's `llama-server` on a free loopback port; `start()` returns once /health is 200."""
+
+    what = "llama-server"
 
     def __init__(self, binary: Path, workdir: Path, args: list[str]) -> None:
         self.dir = workdir
@@ -172,13 +182,6 @@ class LlamaServer:
         self.port = free_port()
         self.argv = [str(binary), *args, "--host", self.host, "--port", str(self.port)]
         self.log_path = self.dir / "llama-server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError("llama-server not started")
-        return self.proc.pid
 
     def start(self, timeout: float = 180.0) -> LlamaServer:
         with self.log_path.open("ab") as log:
@@ -199,10 +202,6 @@ class LlamaServer:
             time.sleep(0.1)
         self.stop()
         raise BenchError(f"llama-server not healthy within {timeout:.0f} s:\n{_tail(self.log_path)}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc)
 
 
 def run_tool(argv: list[str], timeout: float) -> str:
