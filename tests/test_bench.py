@@ -63,6 +63,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> dic
     data: dict[str, Any] = json.loads(done.stdout)
     data["_stderr"] = done.stderr
     data["_leftovers"] = _processes_mentioning(str(workdir))
+    data["_partial"] = json.loads((workdir / "partial.json").read_text())
     return data
 
 
@@ -130,6 +131,9 @@ def test_quick_run_metadata_and_cleanup(quick_run: dict[str, Any], gemma_path: P
     assert meta["system_prompt_tokens"] > 0 and meta["kv_bytes"] > 0
     # Interleaved rounds and progress go to stderr, the JSON alone to stdout.
     assert "prefix cache, round 1/1" in quick_run["_stderr"]
+    # With --workdir, the figures so far are saved after every group.
+    assert set(quick_run["_partial"]["figures"]) <= set(quick_run["figures"])
+    assert "socket.aggregate.c2" in quick_run["_partial"]["figures"]
     # Every daemon, broker and client the run started is gone.
     assert quick_run["_leftovers"] == []
 

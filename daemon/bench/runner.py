@@ -9,6 +9,7 @@ last group that needs them (pool.py); a daemon's idle CPU and RSS are read just 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.bench import meta, prompts
+from daemon.bench import meta, prompts, report
 from daemon.bench.contenders import (
     aggregate_tps,
     batched_bench,
@@ -69,6 +70,7 @@ class Runner:
             for index, (name, needs, make_steps) in enumerate(groups):
                 self._interleave(name, make_steps())
                 self.pool.retire([need for need in needs if last_use[need] == index])
+                self._save_partial()
             self._restart_group()
         self.results.meta.update(meta.at_end(time.monotonic() - self._started, self.results.warnings))
         return self.results
@@ -99,6 +101,15 @@ class Runner:
         self.place = RunPlace(model, folder, sockets, uuid.uuid4().hex[:6], broker)
         self.pool = Pool(o, self.place, self.results, dict(llm.metadata), self.log)
         stack.callback(self.pool.stop_all)
+
+    def _save_partial(self) -> None:
+        """With --workdir, the figures so far after every group (a long run cut short keeps them)."""
+        if self.o.workdir is None:
+            return
+        data = report.to_json(self.results, report.evaluate(self.results, report.checks(self.o)))
+        path = self.o.workdir / "partial.json"
+        path.with_suffix(".tmp").write_text(json.dumps(data, indent=1))
+        path.with_suffix(".tmp").replace(path)
 
     def count(self, text: str) -> int:
         return len(self.bare.llm.tokenize(text.encode("utf-8"), add_bos=True))
