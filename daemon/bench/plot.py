@@ -55,7 +55,7 @@ def write(path: Path, results: Results, verdicts: Sequence[Verdict]) -> None:
     v = results.value
     opts = results.meta.get("options", {})
     concurrency = opts.get("concurrency") or []
-    fig, (ax1, ax2, ax3, ax4) = plt.subplots(4, 1, figsize=(11, 17))
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(4, 1, figsize=(12, 17))
     _bars(ax1, [
         ("decode", [("llama-bench", v("llama_bench.tg")), ("bare", v("bare.decode")),
                     ("llama-server", v("llama_server.decode")), ("edgellm socket", v("socket.decode")),
@@ -77,10 +77,11 @@ def write(path: Path, results: Results, verdicts: Sequence[Verdict]) -> None:
     _bars(ax3, [
         (label, [("llama-server", v(f"llama_server.prefix.{key}")), ("edgellm", v(f"prefix.{key}"))])
         for label, key in (("cold", "cold"), ("warm", "warm"), ("2 alternating", "alt2"), ("4 alternating", "alt4"))
-    ] + [("after restart", [("edgellm", v("prefix.restart"))])], "ms (median)",
+    ] + [("after restart", [("edgellm", v("prefix.restart")),
+                            ("edgellm, first after a start (cold)", v("restart.first_cold"))])], "ms (median)",
         "Time to first token with a long system prompt")
     gated = [x for x in verdicts if x.check.target is not None and x.check.kind == RATIO and x.result is not None]
-    labels = [x.check.label for x in gated]
+    labels = [x.check.label if len(x.check.label) <= 60 else x.check.label[:58] + "…" for x in gated]
     ax4.barh(range(len(gated)), [x.result or 0 for x in gated],
              color=["tab:green" if x.met else "tab:red" for x in gated])
     for i, x in enumerate(gated):
@@ -94,6 +95,6 @@ def write(path: Path, results: Results, verdicts: Sequence[Verdict]) -> None:
     model = results.meta.get("model", {}).get("name", "")
     label = results.meta.get("label") or ""
     fig.suptitle(f"edgellm bench: {model}, {opts.get('threads')} threads {label}".strip(), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
