@@ -289,3 +289,19 @@ def test_generated_daemon_config_is_valid(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text(text)
     cfg = load_config(tmp_path / "c.toml")
     assert cfg.engine.parallel == 4 and cfg.mqtt.port == 1884 and cfg.mqtt.homeassistant.enabled is False
+
+
+@pytest.mark.slow
+def test_a_saved_run_renders_again(quick_run: dict[str, Any], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({k: v for k, v in quick_run.items() if not k.startswith("_")}))
+    assert main(["bench", "--report", str(saved), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["comparisons"] == quick_run["comparisons"]
+    assert main(["bench", "--report", str(saved), "--plot", str(tmp_path / "run.png")]) == 0
+    table = capsys.readouterr().out
+    for section in ("Single stream", "Concurrency", "Prefix cache", "Idle and memory", "targets:"):
+        assert section in table
+    assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "--report", str(tmp_path / "missing.json")]) == 2

@@ -52,6 +52,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--label", default="", help="a note printed with the results (e.g. the branch)")
     p.add_argument("--json", action="store_true", help="print every figure as JSON instead of the table")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also write a bar chart (needs matplotlib)")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="run nothing: render the table (or --plot) of a run saved with --json")
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -98,12 +100,13 @@ def problems(o: Options) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.bench import plot, report
+    from daemon.bench import options, plot, report
     from daemon.bench.processes import BenchError
+    from daemon.bench.results import Results
     from daemon.bench.runner import Runner, main_stderr
 
     o = options_from(args)
-    errors = problems(o)
+    errors = [] if args.report is not None else problems(o)
     if args.plot is not None and not plot.available():
         errors.append(plot.INSTALL_HINT)
     if errors:
@@ -111,7 +114,14 @@ def run(args: argparse.Namespace) -> int:
             sys.stderr.write(f"edgellm bench: {error}\n")
         return 2
     try:
-        results = Runner(o, main_stderr).run()
+        if args.report is not None:
+            results = Results.from_json(json.loads(args.report.read_text()))
+            o = options.from_dict(results.meta.get("options") or {})
+        else:
+            results = Runner(o, main_stderr).run()
+    except (OSError, ValueError, KeyError) as exc:
+        sys.stderr.write(f"edgellm bench: cannot read {args.report}: {exc}\n")
+        return 2
     except BenchError as exc:
         sys.stderr.write(f"edgellm bench: {exc}\n")
         return 1

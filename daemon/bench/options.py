@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 from daemon.config import EngineConfig
 
@@ -39,3 +40,18 @@ def quick(options: Options) -> Options:
     """A short run (one round, small sizes) that still produces every figure: for the test suite."""
     return replace(options, rounds=1, reps=1, pp=32, tg=16, concurrency=(1, 2), parallel=2, agg_prompt=16,
                    agg_tokens=8, system_tokens=96, alt_cycles=1, idle_s=2.0, quick=True)
+
+
+def from_dict(data: dict[str, Any]) -> Options:
+    """The options a run recorded in its JSON (`meta.options`); unknown keys are ignored."""
+    known = {f.name: f for f in fields(Options)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            continue
+        if key == "concurrency":
+            value = tuple(int(x) for x in value)
+        elif key in ("model", "llama_bench", "llama_batched_bench", "llama_server", "workdir") and value is not None:
+            value = Path(value)
+        values[key] = value
+    return Options(**values)

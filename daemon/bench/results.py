@@ -73,6 +73,17 @@ class Results:
         fig = self.figures.get(id)
         return None if fig is None else fig.value
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Results:
+        """A run read back from its `--json` output (to render it again)."""
+        results = cls()
+        results.meta = dict(data.get("meta") or {})
+        results.warnings = list(data.get("warnings") or [])
+        for key, fig in (data.get("figures") or {}).items():
+            results.figures[key] = Figure(key, fig["label"], fig["unit"], fig["contender"],
+                                          [float(x) for x in fig.get("samples") or []], fig.get("note", ""))
+        return results
+
     def warn(self, text: str) -> None:
         with self._lock:
             if text not in self.warnings:
