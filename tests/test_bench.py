@@ -179,14 +179,15 @@ def test_parse_llama_bench() -> None:
 
 
 def test_parse_batched_bench() -> None:
+    # A line as the vendored llama-batched-bench prints it (measured here, on a very busy machine).
     output = (
-        "main: n_kv_max = 2048\n"
-        '{"n_kv_max": 2048, "n_batch": 256, "n_ubatch": 256, "flash_attn": -1, "is_pp_shared": 0, "n_gpu_layers": -1, '
-        '"n_threads": 2, "n_threads_batch": 2, "pp": 32, "tg": 64, "pl": 4, "n_kv": 384, "t_pp": 0.2, '
-        '"speed_pp": 640.0, "t_tg": 2.1, "speed_tg": 121.9, "t": 2.3, "speed": 166.9}\n'
-        "llama_perf_context_print: total time = 2400 ms\n"
+        "main: n_kv_max = 512\n"
+        '{"n_kv_max": 512, "n_batch": 256, "n_ubatch": 256, "flash_attn": -1, "is_pp_shared": 0, "n_gpu_layers": -1, '
+        '"n_threads": 2, "n_threads_batch": 2, "pp": 8, "tg": 4, "pl": 2, "n_kv": 24, "t_pp": 2.964937, '
+        '"speed_pp": 5.396405, "t_tg": 11.052192, "speed_tg": 0.723838, "t": 14.017129, "speed": 1.712191}\n'
+        "llama_perf_context_print: total time = 14017 ms\n"
     )
-    assert contenders.parse_batched_bench(output) == {4: 121.9}
+    assert contenders.parse_batched_bench(output) == {2: 0.723838}
     with pytest.raises(BenchError):
         contenders.parse_batched_bench("nothing here")
 
