@@ -306,3 +306,30 @@ def test_a_saved_run_renders_again(quick_run: dict[str, Any], tmp_path: Path,
         assert section in table
     assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "--report", str(tmp_path / "missing.json")]) == 2
+
+
+NATIVE_DIR = os.environ.get("EDGELLM_BENCH_NATIVE_DIR", "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NATIVE_DIR, reason="set EDGELLM_BENCH_NATIVE_DIR to a llama.cpp build/bin (docs/benchmarks.md)")
+def test_quick_run_with_the_native_peers(tmp_path: Path, gemma_path: Path) -> None:
+    """With llama-bench, llama-batched-bench and llama-server built, their figures join the run."""
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon", "bench", "--quick", "--json", "--no-mqtt", "--model", str(gemma_path),
+         "--native-dir", NATIVE_DIR, "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=1200, cwd=str(REPO), check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(done.stdout)
+    assert not data["warnings"] or all("stopped after" in w for w in data["warnings"]), data["warnings"]
+    figures = data["figures"]
+    for key in ("llama_bench.pp", "llama_bench.tg", "batched_bench.tg.b1", "batched_bench.tg.b2",
+                "llama_server.decode", "llama_server.prompt", "llama_server.ttft", "llama_server.aggregate.c1",
+                "llama_server.aggregate.c2", "llama_server.prefix.cold", "llama_server.prefix.warm",
+                "llama_server.prefix.alt2", "llama_server.prefix.alt4", "llama_server.idle.rss.np2"):
+        assert key in figures and all(x > 0 for x in figures[key]["samples"]), key
+    verdict = {(c["figure"], c["peer"]): c for c in data["comparisons"]}
+    assert isinstance(verdict[("socket.decode", "llama_bench.tg")]["met"], bool)
+    assert isinstance(verdict[("socket.aggregate.c2", "llama_server.aggregate.c2")]["result"], float)
+    assert _processes_mentioning(str(tmp_path)) == []
