@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tg", type=int, help=f"answer tokens, single stream (default {d.tg}, llama-bench -n)")
     p.add_argument("--rounds", type=int, help=f"rounds (default {d.rounds}; --quick: 1)")
     p.add_argument("--reps", type=int, help=f"single-stream requests per contender per round (default {d.reps})")
-    p.add_argument("--concurrency", help="client counts, comma-separated (default 1,2,4,8; --quick: 1,2)")
+    p.add_argument("--concurrency", type=_counts, help="client counts, comma-separated (default 1,2,4,8; --quick: 1,2)")
     p.add_argument("--agg-tokens", type=int, help=f"answer tokens per client when concurrent (default {d.agg_tokens})")
     p.add_argument("--parallel", type=int,
                    help=f"engine.parallel of the main daemon (default {d.parallel}, the config's; --quick: 2)")
@@ -56,6 +56,13 @@ def add_parser(sub: Any) -> None:
                    help="run nothing: render the table (or --plot) of a run saved with --json")
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
 def options_from(args: argparse.Namespace) -> Options:
     o = Options(model=args.model, threads=args.threads, seed=args.seed, n_ctx=args.n_ctx, n_batch=args.n_batch,
                 mqtt=not args.no_mqtt, workdir=args.workdir, label=args.label)
@@ -72,7 +79,7 @@ def options_from(args: argparse.Namespace) -> Options:
                              "agg_tokens": args.agg_tokens, "system_tokens": args.system_tokens,
                              "idle_s": args.idle_seconds, "parallel": args.parallel}
     if args.concurrency:
-        given["concurrency"] = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
+        given["concurrency"] = args.concurrency
     return replace(o, **{k: v for k, v in given.items() if v is not None})
 
 
