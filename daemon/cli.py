@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the box for what commonly goes wrong, with fixes")
     p.add_argument("--config", type=Path, help=config_help)
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+    from daemon.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": _cmd_check_config,
         "models": _cmd_models,
         "doctor": _cmd_doctor,
+        "bench": _cmd_bench,
     }[args.command]
     try:
         return handler(args)
@@ -317,3 +322,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from daemon import doctor
 
     return doctor.cli(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from daemon.bench.cli import run
+
+    return run(args)

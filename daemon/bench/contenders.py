@@ -1,0 +1,163 @@
+"""The contenders' measurements: what one round of each figure does, and the native tools' output.
+
+The functions here take a door (doors.py) or a native binary and add samples to `Results`; the
+runner decides which contender runs when, so that the rounds interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.bench.doors import Ask, Door, Trace
+from daemon.bench.processes import BenchError, run_tool
+from daemon.bench.results import Results
+from daemon.bench.stats import rate
+
+# Bytes per KV element for each engine.kv_type (q8_0: 34 bytes per 32 values, q4_0: 18 per 32).
+KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def record_single(results: Results, key: str, contender: str, trace: Trace) -> None:
+    """One single-stream request's figures: decode and prompt rates (the contender's own), the
+    client-side decode rate (cross-check) and the client-side TTFT."""
+    results.add(f"{key}.decode", trace.reported_decode_tps, f"decode tok/s, {contender}", "tok/s", contender)
+    results.add(f"{key}.decode_client", trace.client_decode_tps, f"decode tok/s as received, {contender}",
+                "tok/s", contender, note="token events after the first / time from the first to the last")
+    results.add(f"{key}.prompt", trace.reported_prompt_tps, f"prompt tok/s, {contender}", "tok/s", contender)
+    results.add(f"{key}.ttft", trace.ttft_ms, f"TTFT, {contender}", "ms", contender,
+                note="client-side, send to first token")
+
+
+def run_concurrently(door: Door, asks: Sequence[Ask], timeout: float = 900.0) -> list[Trace]:
+    """One client thread per request, released together; every trace, or the first error."""
+    barrier = threading.Barrier(len(asks))
+    traces: list[Trace | None] = [None] * len(asks)
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            barrier.wait(60)
+            traces[i] = door.run(asks[i], timeout)
+        except BaseException as exc:  # handed to the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(len(asks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise BenchError(f"{door.name}: {errors[0]}") from errors[0]
+    return [t for t in traces if t is not None]
+
+
+def aggregate_tps(traces: Sequence[Trace]) -> float | None:
+    """Every generated token of every stream over the wall time from the first send to the last
+    final event (prompt evaluation included)."""
+    if not traces:
+        return None
+    return rate(sum(t.completion_tokens for t in traces), max(t.done for t in traces) - min(t.sent for t in traces))
+
+
+# --- native llama.cpp tools -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaBenchResult:
+    pp: list[float]  # prompt tok/s, one per repetition
+    tg: list[float]  # decode tok/s, one per repetition
+
+
+def parse_llama_bench(output: str) -> LlamaBenchResult:
+    """`llama-bench -o json` output: a JSON array of tests, `n_prompt` xor `n_gen` set, with
+    `samples_ts` (one rate per repetition) and `avg_ts`."""
+    start, end = output.find("["), output.rfind("]")
+    if start < 0 or end < start:
+        raise BenchError(f"llama-bench printed no JSON array: {output[-300:]!r}")
+    try:
+        tests = json.loads(output[start : end + 1])
+    except ValueError as exc:
+        raise BenchError(f"llama-bench printed unreadable JSON: {exc}") from exc
+    pp: list[float] = []
+    tg: list[float] = []
+    for test in tests:
+        samples = [float(x) for x in test.get("samples_ts") or [test["avg_ts"]]]
+        if int(test.get("n_prompt", 0)) > 0 and int(test.get("n_gen", 0)) == 0:
+            pp += samples
+        elif int(test.get("n_gen", 0)) > 0 and int(test.get("n_prompt", 0)) == 0:
+            tg += samples
+    if not pp or not tg:
+        raise BenchError("llama-bench output lacks a pp or a tg test")
+    return LlamaBenchResult(pp, tg)
+
+
+def llama_bench(binary: Path, model: Path, threads: int, pp: int, tg: int, n_batch: int, reps: int) -> LlamaBenchResult:
+    argv = [str(binary), "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
+            "-b", str(n_batch), "-ub", str(n_batch), "-r", str(reps), "-o", "json"]
+    return parse_llama_bench(run_tool(argv, timeout=900))
+
+
+def parse_batched_bench(output: str) -> dict[int, float]:
+    """`llama-batched-bench --output-format jsonl`: one JSON object per line with `pl` (the batch
+    size B) and `speed_tg` (S_TG, generated tokens of all sequences per second)."""
+    speeds: dict[int, float] = {}
+    for line in output.splitlines():
+        line = line.strip()
+        if not (line.startswith("{") and '"speed_tg"' in line):
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        speeds[int(row["pl"])] = float(row["speed_tg"])
+    if not speeds:
+        raise BenchError(f"llama-batched-bench printed no result line: {output[-300:]!r}")
+    return speeds
+
+
+def batched_bench(binary: Path, model: Path, threads: int, batch: int, pp: int, tg: int, n_ctx: int,
+                  n_batch: int) -> float:
+    """S_TG at B = `batch`: `batch` sequences of `pp` prompt tokens, then `tg` tokens each."""
+    ctx = max(n_ctx, batch * (pp + tg) + 16)
+    argv = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(ctx),
+            "-b", str(max(n_batch, pp)), "-ub", str(n_batch), "-npp", str(pp), "-ntg", str(tg), "-npl", str(batch),
+            "--output-format", "jsonl"]
+    speeds = parse_batched_bench(run_tool(argv, timeout=900))
+    if batch not in speeds:
+        raise BenchError(f"llama-batched-bench gave no result for B={batch} (context {ctx})")
+    return speeds[batch]
+
+
+# --- in-process llama-cpp-python ------------------------------------------------------------------
+
+
+def load_bare(model: Path, n_ctx: int, n_batch: int, threads: int, seed: int) -> Any:
+    """A `Llama` with the context the daemon builds (same n_ctx, batch, threads, full SWA cache)."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                           n_threads=threads, n_threads_batch=threads, swa_full=True, seed=seed, verbose=False)
+
+
+def kv_bytes_estimate(metadata: dict[str, str], n_ctx: int, kv_type: str) -> int | None:
+    """K and V cells for `n_ctx` tokens in every layer (a full-size cache, as the prefix cache needs
+    on sliding-window models), from the GGUF's metadata; None when it lacks the numbers."""
+    arch = metadata.get("general.architecture", "")
+    try:
+        layers = int(metadata[f"{arch}.block_count"])
+        heads = int(metadata.get(f"{arch}.attention.head_count", "0"))
+        kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", str(heads)))
+        embd = int(metadata.get(f"{arch}.embedding_length", "0"))
+        default_head = embd // heads if heads else 0
+        k_len = int(metadata.get(f"{arch}.attention.key_length", str(default_head)))
+        v_len = int(metadata.get(f"{arch}.attention.value_length", str(default_head)))
+    except (KeyError, ValueError):
+        return None
+    if not (layers and kv_heads and k_len and v_len):
+        return None
+    return int(n_ctx * layers * kv_heads * (k_len + v_len) * KV_ELEMENT_BYTES.get(kv_type, 2.0))

@@ -1,0 +1,90 @@
+"""The figures one benchmark run collects: samples per figure, keyed by a stable id."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.bench.stats import Summary, summarize
+
+
+@dataclass
+class Figure:
+    """One measured quantity of one contender; every repetition is one sample."""
+
+    id: str  # stable, dotted: "socket.decode", "llama_server.aggregate.c4", …
+    label: str  # for people: "decode tok/s (socket)"
+    unit: str  # "tok/s", "ms", "% of a core", "MB"
+    contender: str  # "edgellm socket", "llama-bench", …
+    samples: list[float] = field(default_factory=list)
+    note: str = ""  # how it was measured, when that is not obvious from the label
+
+    @property
+    def summary(self) -> Summary | None:
+        return summarize(self.samples) if self.samples else None
+
+    @property
+    def value(self) -> float | None:
+        """The figure: the median of its samples."""
+        summary = self.summary
+        return None if summary is None else summary.median
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = self.summary
+        out: dict[str, Any] = {
+            "label": self.label,
+            "unit": self.unit,
+            "contender": self.contender,
+            "value": None if summary is None else summary.median,
+            "samples": list(self.samples),
+        }
+        if summary is not None:
+            out.update(summary.to_dict())
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+class Results:
+    """Figures, run metadata and warnings; safe to add samples from several client threads."""
+
+    def __init__(self) -> None:
+        self.figures: dict[str, Figure] = {}
+        self.meta: dict[str, Any] = {}
+        self.warnings: list[str] = []
+        self._lock = threading.Lock()
+
+    def figure(self, id: str, label: str, unit: str, contender: str, note: str = "") -> Figure:
+        with self._lock:
+            existing = self.figures.get(id)
+            if existing is None:
+                existing = self.figures[id] = Figure(id, label, unit, contender, note=note)
+            return existing
+
+    def add(self, id: str, value: float | None, label: str, unit: str, contender: str, note: str = "") -> None:
+        """One sample; a None (nothing measurable, e.g. a one-token answer) is skipped."""
+        fig = self.figure(id, label, unit, contender, note)
+        if value is not None:
+            with self._lock:
+                fig.samples.append(float(value))
+
+    def value(self, id: str) -> float | None:
+        fig = self.figures.get(id)
+        return None if fig is None else fig.value
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Results:
+        """A run read back from its `--json` output (to render it again)."""
+        results = cls()
+        results.meta = dict(data.get("meta") or {})
+        results.warnings = list(data.get("warnings") or [])
+        for key, fig in (data.get("figures") or {}).items():
+            results.figures[key] = Figure(key, fig["label"], fig["unit"], fig["contender"],
+                                          [float(x) for x in fig.get("samples") or []], fig.get("note", ""))
+        return results
+
+    def warn(self, text: str) -> None:
+        with self._lock:
+            if text not in self.warnings:
+                self.warnings.append(text)
