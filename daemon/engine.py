@@ -39,6 +39,9 @@ FILE_TYPES = {
 # ggml's log levels (ggml.h): DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
 _GGML_WARN, _GGML_ERROR = 3, 4
 _llama_log_callback: Any = None  # the ctypes callback must outlive every call llama.cpp makes to it
+# Listeners see each warning/error line first; one that returns True consumes it (not logged).
+# daemon.grammar_check reads llama.cpp's reason for refusing a grammar here.
+llama_log_listeners: list[Callable[[int, str], bool]] = []
 
 
 def route_llama_logs() -> None:
@@ -55,6 +58,8 @@ def route_llama_logs() -> None:
     def forward(level: int, text: bytes, user_data: Any) -> None:
         if level in (_GGML_WARN, _GGML_ERROR):
             message = text.decode("utf-8", errors="replace").strip()
+            if message and any(listener(level, message) for listener in list(llama_log_listeners)):
+                return
             if message:
                 (log.error if level == _GGML_ERROR else log.warning)("llama_cpp.log", message=message)
 
@@ -316,6 +321,15 @@ class Engine:
         first_sample_at: float | None = None
         last_sample_at: float | None = None
         prompt_done_at = time.monotonic()
+        # --- grammar hook (branch tasks, issue 9): constrained output on the current engine. The
+        # GBNF was validated and parsed by daemon.constraints; engine v2 replaces this with
+        # llama_sampler_init_grammar(vocab, request.grammar, "root") at the head of its chain.
+        grammar = None
+        if request.grammar is not None:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
+        # --- end of the grammar hook
         generator = llm.generate(
             tokens,
             top_k=request.top_k,
@@ -323,6 +337,7 @@ class Engine:
             min_p=request.min_p,
             temp=request.temperature,
             repeat_penalty=request.repeat_penalty,
+            grammar=grammar,
         )
         try:
             while completion < prepared.max_tokens:
