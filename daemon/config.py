@@ -470,7 +470,7 @@ def _json_text(value: Any, key: str, ctx: _Context) -> tuple[bool, Any]:
         ctx.error(key, f"must be a table or a string holding a JSON object (got {_describe(value)})")
         return False, None
     try:
-        return True, json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return True, json.dumps(value, separators=(",", ":"), ensure_ascii=False)  # order matters
     except TypeError:  # a TOML date or time
         ctx.error(key, "must hold only JSON values (strings, numbers, booleans, arrays, tables)")
         return False, None

@@ -290,7 +290,13 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
         converter.visit(resolved, "")
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise SchemaRefused(f"json_schema: the converter refused it: {exc or type(exc).__name__}") from None
-    return str(converter.format_grammar())
+    lines = str(converter.format_grammar()).split("\n")
+    # The Python converter's string character admits raw control characters, which JSON forbids;
+    # llama.cpp's own (C++) converter of the same release excludes them. Use its rule.
+    return "\n".join(_CHAR_RULE if line.startswith("char ::= ") else line for line in lines)
+
+
+_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\bfnrt] | "u" [0-9a-fA-F]{4})'
 
 
 # --- GBNF text ---------------------------------------------------------------------------------
@@ -394,9 +400,9 @@ class ConstraintCompiler:
 
     def _compile(self, kind: str, value: Any, source: str, limits: ConstraintLimits) -> str:
         if kind == "format":
-            from llama_cpp.llama_grammar import JSON_GBNF
-
-            return str(JSON_GBNF)
+            # An object (the converter's generic one): no trailing whitespace run for a model to
+            # wander into, unlike llama_grammar.JSON_GBNF, so the answer ends when the object does.
+            return schema_to_gbnf({"type": "object"})
         if kind == "json_schema":
             try:
                 check_schema(value, limits.max_schema_depth)
@@ -431,7 +437,7 @@ def _canonical(kind: str, value: Any, limits: ConstraintLimits) -> str:
         if not isinstance(value, dict):
             raise EdgeError(Code.INVALID_REQUEST, f"json_schema: must be a JSON object, got {json_type(value)}")
         try:
-            text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)  # key order shapes the grammar
         except (RecursionError, ValueError):
             raise EdgeError(Code.INVALID_REQUEST, "json_schema: nested too deeply") from None
     else:

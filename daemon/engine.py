@@ -321,24 +321,22 @@ class Engine:
         first_sample_at: float | None = None
         last_sample_at: float | None = None
         prompt_done_at = time.monotonic()
-        # --- grammar hook (branch tasks, issue 9): constrained output on the current engine. The
-        # GBNF was validated and parsed by daemon.constraints; engine v2 replaces this with
-        # llama_sampler_init_grammar(vocab, request.grammar, "root") at the head of its chain.
-        grammar = None
+        # --- grammar hook (branch tasks, issue 9): constrained output on the current engine. The GBNF
+        # was validated by daemon.constraints; engine v2 puts llama_sampler_init_grammar(vocab,
+        # request.grammar, "root") into its own chain (sampling it as daemon.grammar_sampling does).
         if request.grammar is not None:
-            from llama_cpp.llama_grammar import LlamaGrammar
+            from daemon.grammar_sampling import constrained_generate
 
-            grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
-        # --- end of the grammar hook
-        generator = llm.generate(
-            tokens,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            min_p=request.min_p,
-            temp=request.temperature,
-            repeat_penalty=request.repeat_penalty,
-            grammar=grammar,
-        )
+            generator = constrained_generate(llm, request, request.grammar, llm._seed)
+        else:  # --- end of the grammar hook
+            generator = llm.generate(
+                tokens,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                min_p=request.min_p,
+                temp=request.temperature,
+                repeat_penalty=request.repeat_penalty,
+            )
         try:
             while completion < prepared.max_tokens:
                 reason = control.check()

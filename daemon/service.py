@@ -19,11 +19,14 @@ from typing import Any
 import structlog
 
 from daemon import __version__, sdnotify
+from daemon.answers import JsonAnswers
 from daemon.config import Config, ConfigError, load_config
+from daemon.constraints import ConstraintCompiler
 from daemon.engine import Engine
 from daemon.inference import InferenceWorker
 from daemon.logs import configure_logging
 from daemon.paths import serve_socket_path, state_dir
+from daemon.tasks import TaskRegistry, limits_of
 from daemon.transports.unix_socket import UnixSocketServer
 
 log = structlog.get_logger(__name__)
@@ -39,6 +42,14 @@ class Daemon:
         self.cfg = replace(cfg, state_dir=state_dir(cfg.state_dir))
         self.config_path = config_path
         self.worker = InferenceWorker(self.cfg, self._make_engine)
+        # What the doors submit to: the worker, adding `json` to constrained answers.
+        self.backend = JsonAnswers(self.worker)
+        from daemon.grammar_check import gbnf_refusal
+
+        self.constraints = ConstraintCompiler(limits_of(self.cfg.constraints), gbnf_refusal)
+        self.tasks = TaskRegistry.compile(self.cfg.tasks, self.constraints)
+        self.worker.add_status_section("constraints", self.constraints.status)
+        self.worker.add_status_section("tasks", lambda: {"names": self.tasks.names()})
         self.socket_server: UnixSocketServer | None = None
         self.mqtt: Any = None
         self.sensors: Any = None
@@ -115,12 +126,14 @@ class Daemon:
     async def _start_transports(self, loop: asyncio.AbstractEventLoop) -> None:
         inherited = sdnotify.listen_fds()
         socket_cfg = replace(self.cfg.socket, path=str(serve_socket_path(self.cfg.socket.path)))
-        self.socket_server = UnixSocketServer(socket_cfg, self.worker, loop)
+        self.socket_server = UnixSocketServer(
+            socket_cfg, self.backend, loop, constraints=self.constraints, tasks=self.tasks
+        )
         await self.socket_server.start(inherited[0] if inherited else None)
         if self.cfg.mqtt.enabled:
             from daemon.transports.mqtt import MqttTransport
 
-            self.mqtt = MqttTransport(self.cfg.mqtt, self.worker, state_dir=self.cfg.state_dir, version=__version__)
+            self.mqtt = MqttTransport(self.cfg.mqtt, self.backend, state_dir=self.cfg.state_dir, version=__version__)
             self.mqtt.start()
 
     def _start_governor(self) -> None:
@@ -203,6 +216,7 @@ class Daemon:
         self.cfg = new
         self.worker.cfg = new
         self.worker.set_max_depth(new.queue.max_depth)
+        self._reload_tasks(new)
         if self.sensors is not None:
             self.sensors.reconfigure(new.governor)
         elif new.governor.enabled:
@@ -217,9 +231,21 @@ class Daemon:
         elif self.mqtt is None and new.mqtt.enabled:
             from daemon.transports.mqtt import MqttTransport
 
-            self.mqtt = MqttTransport(new.mqtt, self.worker, state_dir=new.state_dir, version=__version__)
+            self.mqtt = MqttTransport(new.mqtt, self.backend, state_dir=new.state_dir, version=__version__)
             self.mqtt.start()
         log.info("config.reloaded", source=new.source)
+
+    def _reload_tasks(self, new: Config) -> None:
+        """New constraint limits and tasks (load_config already checked they compile)."""
+        self.constraints.reconfigure(limits_of(new.constraints))
+        old = self.tasks.names()
+        try:
+            self.tasks.replace(TaskRegistry.compile(new.tasks, self.constraints))
+        except Exception as exc:  # validated at load, so only a bug lands here: keep the old tasks
+            log.error("tasks.reload_failed", error=str(exc), kept=old)
+            return
+        if self.tasks.names() != old:
+            log.info("tasks.reloaded", tasks=self.tasks.names(), before=old)
 
     def _load_engine(self, cfg: Config) -> Engine:
         engine = self._make_engine(cfg)

@@ -36,6 +36,8 @@ from daemon.protocol import (
 if TYPE_CHECKING:
     from daemon.backend import Backend
     from daemon.config import SocketConfig
+    from daemon.constraints import ConstraintCompiler
+    from daemon.tasks import TaskRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -203,7 +205,10 @@ class _Connection:
             if "op" in obj:
                 self.handle_op(obj)
                 return
-            request = parse_request(obj, backend.defaults)
+            if "task" in obj and self.server.tasks is not None:
+                request = self.server.tasks.parse_call(obj, backend.defaults)
+            else:
+                request = parse_request(obj, backend.defaults, constraints=self.server.constraints)
         except EdgeError as exc:
             # An error about a control op is not about the request whose id it names.
             request_id = peek_id(obj) if obj is not None and "op" not in obj else None
@@ -235,8 +240,12 @@ class _Connection:
             _expect_fields(obj, {"op"})
             status = backend.status()
             self.send({"event": "health", "ok": status["state"] == "ready", "state": status["state"]})
+        elif op == "tasks" and self.server.tasks is not None:
+            _expect_fields(obj, {"op"})
+            self.send({"event": "tasks", "tasks": self.server.tasks.describe()})
         else:
-            raise EdgeError(Code.INVALID_REQUEST, f"op: unknown operation {op!r}; known: cancel, status, health")
+            known = "cancel, status, health" + (", tasks" if self.server.tasks is not None else "")
+            raise EdgeError(Code.INVALID_REQUEST, f"op: unknown operation {op!r}; known: {known}")
 
     # How long shutdown waits for a client to take its last events before dropping it.
     FLUSH_TIMEOUT_S = 1.0
@@ -259,10 +268,20 @@ def _expect_fields(obj: dict[str, Any], allowed: set[str]) -> None:
 class UnixSocketServer:
     """Lifecycle: `await start()`, then `await stop()`; the socket file is removed on stop."""
 
-    def __init__(self, cfg: SocketConfig, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        cfg: SocketConfig,
+        backend: Backend,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        constraints: ConstraintCompiler | None = None,
+        tasks: TaskRegistry | None = None,
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.loop = loop
+        self.constraints = constraints  # compiles format/json_schema/grammar; None refuses them
+        self.tasks = tasks  # answers {"task": ...} and {"op": "tasks"}
         self.path = Path(cfg.path)
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
