@@ -229,7 +229,8 @@ def compile_task(name: str, spec: TaskConfig, compiler: ConstraintCompiler) -> T
         try:
             constraint = compiler.compile(key, value)
         except EdgeError as exc:
-            raise TaskConfigError(f"tasks.{name}.{key}", exc.message) from None
+            message = exc.message.removeprefix(f"{key}: ")  # the key is named already
+            raise TaskConfigError(f"tasks.{name}.{key}", message) from None
     publish = _check_trigger(name, spec, roots)
     return Task(name, spec, prompt, constraint, publish)
 
