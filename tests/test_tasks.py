@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from daemon.config import ConfigError, GenerationConfig, TaskConfig, load_config
+from daemon.config import GenerationConfig, TaskConfig, load_config
 from daemon.constraints import ConstraintCompiler, ConstraintLimits
 from daemon.grammar_check import gbnf_refusal
 from daemon.protocol import Code, EdgeError, Message
 from daemon.tasks import TaskRegistry, TemplateError, compile_task, compile_template
+from tests.test_config import errors_of, write
 
 DEFAULTS = GenerationConfig()
 
@@ -23,18 +24,6 @@ def compiler() -> ConstraintCompiler:
 
 def registry(**specs: TaskConfig) -> TaskRegistry:
     return TaskRegistry.compile(specs, compiler())
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def errors_of(path: Path) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    return info.value.errors
 
 
 # --- templates -----------------------------------------------------------------------------------
