@@ -75,8 +75,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-constraints-") as tmp:
         config = write_config(Path(tmp), model, {"engine": {"n_threads": args.threads, "n_batch": 256},
                                                  "model": {"n_ctx": 2048}, "logging": {"level": "warning"}})
-        with DaemonProcess(config) as daemon, daemon.client(timeout=600) as client:
-            daemon.wait_ready(timeout=120)
+        with DaemonProcess(config) as daemon:
+            daemon.wait_ready(timeout=300)
+            client = daemon.client(timeout=900)
             started = time.perf_counter()
             client.call({"prompt": "x", "json_schema": SCHEMA, "max_tokens": 1})
             first_ms = (time.perf_counter() - started) * 1000
@@ -100,6 +101,7 @@ def main() -> int:
                     "free_tokens": free["usage"]["completion_tokens"],
                 })
             constraints_status = client.status().get("constraints")
+            client.close()
     schema_tps = statistics.median(r["schema_tps"] for r in rows if r["schema_tps"])
     free_tps = statistics.median(r["free_tps"] for r in rows if r["free_tps"])
     figures = {

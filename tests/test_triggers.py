@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -199,3 +200,34 @@ def test_counts_always_add_up_and_bounds_hold(ops: list[Any], coalesce: str, bou
         assert gate.in_flight == len(running) <= bound and gate.pending <= bound
         assert gate.counters.failed <= gate.counters.run
         assert len(set(running)) == len(running)  # one run per source topic at a time
+
+
+# --- the MQTT face of tasks (daemon/task_topics.py) -------------------------------------------------
+
+
+def test_task_topics_and_their_home_assistant_entities() -> None:
+    from daemon.mqtt_topics import make_topics
+    from daemon.task_topics import (
+        result_topic,
+        task_discovery_messages,
+        task_name_of,
+        task_removal_messages,
+        task_subscription,
+        task_topic,
+    )
+
+    topics = make_topics("pi", "", "host")
+    assert task_topic(topics, "command") == "edgellm/pi/task/command"
+    assert topic_matches(task_subscription(topics), task_topic(topics, "command"))
+    assert not topic_matches(task_subscription(topics), result_topic(topics, "command"))
+    assert task_name_of(topics, "edgellm/pi/task/command") == "command"
+    assert task_name_of(topics, "edgellm/pi/task/command/result") is None
+    messages = task_discovery_messages("homeassistant", topics, [("command", "A command")], "gemma", "0.1")
+    by_topic = {m.topic: json.loads(m.payload) for m in messages}
+    text = by_topic["homeassistant/text/edgellm_pi/task_command/config"]
+    sensor = by_topic["homeassistant/sensor/edgellm_pi/task_command_result/config"]
+    assert text["command_topic"] == "edgellm/pi/task/command" and text["device"]["identifiers"] == ["edgellm_pi"]
+    assert sensor["state_topic"] == sensor["json_attributes_topic"] == "edgellm/pi/task/command/result"
+    assert "[:255]" in sensor["value_template"]
+    removed = task_removal_messages("homeassistant", topics, ["command"])
+    assert {m.topic for m in removed} == set(by_topic) and all(m.payload == b"" for m in removed)
