@@ -239,23 +239,27 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         _err(f"error [{reply.get('code')}]: {reply.get('message')}")
         return EXIT_ERROR
     tasks = reply.get("tasks", [])
-    if args.json:
-        _out(json.dumps(tasks, indent=2, ensure_ascii=False))
-        return EXIT_OK
+    _out(json.dumps(tasks, indent=2, ensure_ascii=False) if args.json else format_tasks(tasks))
+    return EXIT_OK
+
+
+def format_tasks(tasks: list[dict[str, Any]]) -> str:
+    """`edgellm tasks`: each task, its prompt, the input fields it reads and its constraint."""
     if not tasks:
-        _out("no tasks configured (add [tasks.<name>] tables to the config)")
+        return "no tasks configured (add [tasks.<name>] tables to the config)"
+    lines = []
     for task in tasks:
-        _out(f"{task['name']}" + (f" — {task['description']}" if task.get("description") else ""))
-        _out(f"  prompt: {task.get('prompt')}")
+        lines.append(f"{task['name']}" + (f" — {task['description']}" if task.get("description") else ""))
+        lines.append(f"  prompt: {task.get('prompt')}")
         if task.get("input_fields"):
-            _out(f"  input fields: {', '.join(task['input_fields'])}")
+            lines.append(f"  input fields: {', '.join(task['input_fields'])}")
         for key in ("json_schema", "grammar", "format"):
             if key in task:
                 value = task[key]
-                _out(f"  {key}: {value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}")
+                lines.append(f"  {key}: {value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}")
         if task.get("trigger"):
-            _out(f"  trigger: {json.dumps(task['trigger'], ensure_ascii=False)}")
-    return EXIT_OK
+            lines.append(f"  trigger: {json.dumps(task['trigger'], ensure_ascii=False)}")
+    return "\n".join(lines)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

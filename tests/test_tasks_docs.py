@@ -128,3 +128,17 @@ def test_example_works_as_written(daemon: DaemonProcess, code: str, lang: str, s
             assert actual.get(key) == value, (key, value, actual)
         check_answer(actual)
     assert daemon.proc.poll() is None
+
+
+def test_the_shown_task_listing_is_what_edgellm_tasks_prints_for_the_shown_config() -> None:
+    # Without a daemon: the listing is a pure function of the config.
+    from daemon.cli import format_tasks
+    from daemon.config import parse_config
+    from daemon.constraints import ConstraintCompiler
+    from daemon.grammar_check import gbnf_refusal
+    from daemon.tasks import TaskRegistry, limits_of
+
+    cfg = parse_config({"tasks": TASKS}, "<doc>", REPO)
+    registry = TaskRegistry.compile(cfg.tasks, ConstraintCompiler(limits_of(cfg.constraints), gbnf_refusal))
+    [(_, _, shown)] = [e for e in EXAMPLES if e[0].strip() == "edgellm tasks"]
+    assert format_tasks(registry.describe()) == shown.strip()
