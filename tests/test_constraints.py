@@ -11,18 +11,10 @@ from typing import Any
 
 import pytest
 
-from daemon.constraints import (
-    MAX_GBNF_NESTING,
-    MAX_INTEGER_RANGE,
-    ConstraintCompiler,
-    ConstraintLimits,
-    expand_integer_ranges,
-    gbnf_nesting,
-    parse_answer,
-    schema_to_gbnf,
-)
+from daemon.constraints import MAX_GBNF_NESTING, ConstraintCompiler, ConstraintLimits, gbnf_nesting, parse_answer
 from daemon.grammar_check import gbnf_refusal
 from daemon.protocol import Code, EdgeError
+from daemon.schema_grammar import MAX_INTEGER_RANGE, expand_integer_ranges, schema_to_gbnf
 
 DEVICE_SCHEMA: dict[str, Any] = {
     "type": "object",
