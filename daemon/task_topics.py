@@ -13,8 +13,10 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from daemon.homeassistant import MAX_STATE_CHARS, DiscoveryMessage, device_info, discovery_topic
+from daemon.homeassistant import MAX_STATE_CHARS, DiscoveryMessage, discovery_topic, entity_configs
 from daemon.mqtt_topics import Topics
+
+_SHARED_KEYS = ("availability_topic", "payload_available", "payload_not_available", "device", "origin")
 
 
 def task_topic(topics: Topics, name: str) -> str:
@@ -48,13 +50,9 @@ def task_entities(
     topics: Topics, tasks: Iterable[tuple[str, str]], model_name: str | None, version: str
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """(component, object id) → discovery config for each (name, description) task."""
-    common: dict[str, Any] = {
-        "availability_topic": topics.availability,
-        "payload_available": "online",
-        "payload_not_available": "offline",
-        "device": device_info(topics, model_name, version),
-        "origin": {"name": "edgellm", "sw_version": version},
-    }
+    # The device's own entities carry what every entity of the device shares.
+    device_entity = entity_configs(topics, model_name, version)[("sensor", "state")]
+    common = {key: device_entity[key] for key in _SHARED_KEYS}
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for name, description in tasks:
         title = name.replace("_", " ").replace("-", " ").capitalize()
