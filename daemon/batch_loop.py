@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from daemon.constraints import parse_answer
 from daemon.engine import Aborted, Engine, KvFull, LlamaError, Prepared, Stream
 from daemon.pacing import PaceAction, pace, wanted_threads
 from daemon.protocol import Code, DoneEvent, EdgeError, ErrorEvent, TokenEvent
@@ -261,7 +262,11 @@ class BatchLoop:
         usage = {"prompt_tokens": len(stream.tokens), "completion_tokens": stream.completion}
         if reason in ("stop", "length", Code.CANCELLED):
             self.log_summary(job, reason, usage, timings, text)
-            return DoneEvent(job.id, text, reason, usage, timings)
+            if job.request.grammar is None:
+                return DoneEvent(job.id, text, reason, usage, timings)
+            # A constrained answer carries its parsed JSON too (null when it was cut off).
+            parsed = parse_answer(text, reason)
+            return DoneEvent(job.id, text, reason, usage, timings, constrained=True, json_value=parsed)
         retry = self.worker.retry_after_ms() if reason in (Code.THROTTLED, Code.MEMORY_LOW) else None
         self.log_summary(job, reason, usage, timings, text)
         return ErrorEvent(job.id, reason, _STOPPED_MESSAGES.get(reason, reason), retry)

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help=config_help)
 
     p = sub.add_parser("ask", help="send one prompt to the running daemon and print the answer")
-    p.add_argument("prompt", help="the prompt text (a user turn unless --raw)")
+    p.add_argument("prompt", help="the prompt text (a user turn unless --raw); with --task, the task's input "
+                   "(JSON if it parses as JSON, else the text)")
+    p.add_argument("--task", metavar="NAME", help="call the configured task NAME with the input (see `edgellm tasks`)")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     p.add_argument("--raw", action="store_true", help="send the prompt untemplated, as a plain completion")
     p.add_argument("--system", help="a system prompt (chat mode only)")
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", choices=("high", "normal", "low"), help="queue priority")
     p.add_argument("--deadline-ms", type=int, help="give up if not done within this many milliseconds")
     p.add_argument("--json", action="store_true", help="print the final event as JSON")
+    _socket_args(p, config_help)
+
+    p = sub.add_parser("tasks", help="list the running daemon's tasks with their schemas")
+    p.add_argument("--json", action="store_true", help="print the raw list as JSON")
     _socket_args(p, config_help)
 
     p = sub.add_parser("status", help="show the running daemon's state")
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": _cmd_serve,
         "ask": _cmd_ask,
         "status": _cmd_status,
+        "tasks": _cmd_tasks,
         "check-config": _cmd_check_config,
         "models": _cmd_models,
         "doctor": _cmd_doctor,
@@ -172,7 +179,13 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     from daemon.client import ClientError
 
     request: dict[str, Any] = {"stream": bool(args.stream)}
-    if args.raw:
+    if args.task:
+        overrides = (args.max_tokens, args.temperature, args.seed)
+        if args.raw or args.system or any(v is not None for v in overrides):
+            _err("--task takes its prompt and sampling from the task: only --stream, --priority, --deadline-ms")
+            return EXIT_USAGE
+        request.update(task=args.task, input=_task_input(args.prompt))
+    elif args.raw:
         if args.system:
             _err("--system cannot be combined with --raw")
             return EXIT_USAGE
@@ -217,6 +230,43 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     else:
         _out(final.get("text", ""))
     return EXIT_OK
+
+
+def _task_input(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        reply = client.call({"op": "tasks"})
+    if reply.get("event") == "error":
+        _err(f"error [{reply.get('code')}]: {reply.get('message')}")
+        return EXIT_ERROR
+    tasks = reply.get("tasks", [])
+    _out(json.dumps(tasks, indent=2, ensure_ascii=False) if args.json else format_tasks(tasks))
+    return EXIT_OK
+
+
+def format_tasks(tasks: list[dict[str, Any]]) -> str:
+    """`edgellm tasks`: each task, its prompt, the input fields it reads and its constraint."""
+    if not tasks:
+        return "no tasks configured (add [tasks.<name>] tables to the config)"
+    lines = []
+    for task in tasks:
+        lines.append(f"{task['name']}" + (f" — {task['description']}" if task.get("description") else ""))
+        lines.append(f"  prompt: {task.get('prompt')}")
+        if task.get("input_fields"):
+            lines.append(f"  input fields: {', '.join(task['input_fields'])}")
+        for key in ("json_schema", "grammar", "format"):
+            if key in task:
+                value = task[key]
+                lines.append(f"  {key}: {value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}")
+        if task.get("trigger"):
+            lines.append(f"  trigger: {json.dumps(task['trigger'], ensure_ascii=False)}")
+    return "\n".join(lines)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

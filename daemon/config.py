@@ -8,11 +8,15 @@ its TOML type, `dataclasses.field(metadata=...)` gives its constraints:
     path       a path: relative values resolve against the config file's folder (empty stays empty)
     check      a function value -> error message or None, for rules a bound cannot express
     internal   not a TOML key (e.g. `Config.source`)
+    json       a str holding JSON: a TOML table or a JSON text, stored as canonical JSON text
+    names      for dict[str, <dataclass>]: a regex every table name must match in full
 
 Supported annotations: bool, int, float (an integer is accepted), str, Path, list[str],
-tuple[str, ...], tuple[int, ...] and nested dataclasses (TOML sub-tables such as `[mqtt.tls]`). No unions: TOML has
-no null, so "unset" is an empty string or 0, documented per key. Adding a key = adding a field here
-and documenting it in the repo's `config.toml` (a test enforces that).
+tuple[str, ...], tuple[int, ...], nested dataclasses (TOML sub-tables such as `[mqtt.tls]`) and dict[str, <dataclass>]
+(named sub-tables such as `[tasks.<name>]`). The one union is `X | None` in a named sub-table (a task's
+overrides): absent means None, "take the daemon's". Elsewhere TOML has no null, so "unset" is an empty
+string or 0, documented per key. Adding a key = adding a field here and documenting it in the repo's
+`config.toml` (a test enforces that).
 
 Every problem is collected, not just the first, into one `ConfigError`; each message names the file
 and the dotted key, e.g. `/etc/edgellm/config.toml: queue.max_depth: must be >= 1 (got 0)`.
@@ -27,6 +31,7 @@ import math
 import os
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +47,9 @@ DEFAULTS_SOURCE = "<defaults>"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 KV_TYPES = ("f16", "q8_0", "q4_0")
+PRIORITIES = ("high", "normal", "low")
+COALESCE = ("latest", "drop")
+TASK_NAME = r"[a-z0-9_-]{1,64}"
 MQTT_PROTOCOLS = ("5", "3.1.1")
 MQTT_TRANSPORTS = ("tcp", "unix")
 
@@ -93,6 +101,8 @@ def _meta(
     choices: tuple[str, ...] | None = None,
     path: bool = False,
     check: Callable[[Any], str | None] | None = None,
+    json: bool = False,
+    names: str | None = None,
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if min is not None:
@@ -105,6 +115,10 @@ def _meta(
         meta["path"] = True
     if check is not None:
         meta["check"] = check
+    if json:
+        meta["json"] = True
+    if names is not None:
+        meta["names"] = names
     return meta
 
 
@@ -303,6 +317,43 @@ class GovernorConfig:
 
 
 @dataclass(frozen=True)
+class ConstraintsConfig:
+    # Constrained output (daemon/constraints.py): limits on what a request or task may ask for.
+    max_schema_bytes: int = field(default=16384, metadata=_meta(min=64, max=1048576))
+    max_schema_depth: int = field(default=16, metadata=_meta(min=1, max=64))
+    cache_entries: int = field(default=64, metadata=_meta(min=0, max=100000))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    # One `[tasks.<name>]` table; daemon/tasks.py checks templates, constraints and trigger loops.
+    description: str = ""
+    system: str = ""
+    prompt: str = "{input}"
+    raw: bool = False
+    format: str = field(default="", metadata=_meta(choices=("", "json")))
+    json_schema: str = field(default="", metadata=_meta(json=True))
+    grammar: str = ""
+    max_tokens: int | None = field(default=None, metadata=_meta(min=1, max=131072))
+    temperature: float | None = field(default=None, metadata=_meta(min=0.0, max=5.0))
+    top_p: float | None = field(default=None, metadata=_meta(min=0.0, max=1.0))
+    top_k: int | None = field(default=None, metadata=_meta(min=0, max=1000))
+    min_p: float | None = field(default=None, metadata=_meta(min=0.0, max=1.0))
+    repeat_penalty: float | None = field(default=None, metadata=_meta(min=0.5, max=3.0))
+    seed: int | None = field(default=None, metadata=_meta(min=-1, max=MAX_UINT32))
+    stop: tuple[str, ...] = ()
+    priority: str = field(default="", metadata=_meta(choices=("", *PRIORITIES)))
+    deadline_ms: int | None = field(default=None, metadata=_meta(min=1, max=86_400_000))
+    # Triggers (run by the MQTT door).
+    subscribe: tuple[str, ...] = ()
+    publish: str = ""
+    retain: bool = False
+    min_interval_s: float = field(default=0.0, metadata=_meta(min=0.0, max=86400.0))
+    coalesce: str = field(default="latest", metadata=_meta(choices=COALESCE))
+    max_queue: int = field(default=4, metadata=_meta(min=1, max=1000))
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = field(default=Path("/var/lib/edgellm"), metadata=_meta(path=True))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -319,6 +370,8 @@ class Config:
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     # Per-request resource limits; the class (with its bounds) lives in daemon.protocol, which enforces them.
     limits: Limits = field(default_factory=Limits)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict, metadata=_meta(names=TASK_NAME))
     source: str = field(default=DEFAULTS_SOURCE, metadata={"internal": True})  # file path or "<defaults>"
 
 
@@ -413,10 +466,55 @@ def _parse_table(cls: type[Any], data: dict[str, Any], prefix: str, ctx: _Contex
             else:
                 ctx.error(dotted, f"must be a table (got {_describe(value)})")
             continue
+        if typing.get_origin(hint) is dict:
+            if isinstance(value, dict):
+                kwargs[key] = _parse_named_tables(typing.get_args(hint)[1], value, dotted, spec.metadata, ctx)
+            else:
+                ctx.error(dotted, f"must be a table of named tables (got {_describe(value)})")
+            continue
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
         ok, converted = _convert(hint, value, spec.metadata, dotted, ctx)
         if ok:
             kwargs[key] = converted
     return cls(**kwargs)
+
+
+def _parse_named_tables(
+    cls: type[Any], data: dict[str, Any], prefix: str, meta: Any, ctx: _Context
+) -> dict[str, Any]:
+    """`[prefix.<name>]` tables, each one `cls`; names must match `meta["names"]`."""
+    out: dict[str, Any] = {}
+    pattern = meta.get("names")
+    for name, value in data.items():
+        dotted = f"{prefix}.{name}"
+        if pattern is not None and not re.fullmatch(pattern, name):
+            ctx.error(dotted, f"the name must match {pattern}")
+        elif not isinstance(value, dict):
+            ctx.error(dotted, f"must be a table (got {_describe(value)})")
+        else:
+            out[name] = _parse_table(cls, value, dotted + ".", ctx)
+    return out
+
+
+def _json_text(value: Any, key: str, ctx: _Context) -> tuple[bool, Any]:
+    """A TOML table, or a string holding a JSON object, as canonical JSON text ("" stays "")."""
+    if isinstance(value, str):
+        if value == "":
+            return True, ""
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            ctx.error(key, f"is not valid JSON: {exc}")
+            return False, None
+    if not isinstance(value, dict):
+        ctx.error(key, f"must be a table or a string holding a JSON object (got {_describe(value)})")
+        return False, None
+    try:
+        return True, json.dumps(value, separators=(",", ":"), ensure_ascii=False)  # order matters
+    except TypeError:  # a TOML date or time
+        ctx.error(key, "must hold only JSON values (strings, numbers, booleans, arrays, tables)")
+        return False, None
 
 
 def _unknown_key(key: str, known: list[str]) -> str:
@@ -429,6 +527,8 @@ def _unknown_key(key: str, known: list[str]) -> str:
 def _convert(hint: Any, value: Any, meta: Any, key: str, ctx: _Context) -> tuple[bool, Any]:
     """(True, the typed value) or (False, None) after recording why not."""
     choices = meta.get("choices")
+    if meta.get("json"):
+        return _json_text(value, key, ctx)
     if hint is bool:
         if not isinstance(value, bool):
             ctx.error(key, f"must be true or false (got {_describe(value)})")
@@ -550,6 +650,11 @@ def _cross_checks(cfg: Config, ctx: _Context) -> Config:
         ctx.error(key, message)
     for key, message in validate_governor_config(cfg.governor):
         ctx.error(key, message)
+    if cfg.tasks:
+        from daemon.tasks import validate_tasks
+
+        for key, message in validate_tasks(cfg.tasks, cfg.constraints):
+            ctx.error(key, message)
     return cfg
 
 
@@ -674,4 +779,6 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value

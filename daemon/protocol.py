@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
     from daemon.config import GenerationConfig
+    from daemon.constraints import ConstraintCompiler
 
 
 class Code:
@@ -104,6 +105,8 @@ class Request:
     priority: str = "normal"
     deadline_ms: int | None = None
     reply_to: str | None = None
+    # Constrained output: GBNF text (root symbol "root"), already validated by daemon.constraints.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,10 +147,13 @@ class DoneEvent:
     finish_reason: str
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float | int | None] = field(default_factory=dict)
+    # With a constraint the event also carries `json`: the parsed answer, or null (cut off, not JSON).
+    constrained: bool = False
+    json_value: Any = None
     final = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "event": "done",
             "text": self.text,
@@ -155,6 +161,9 @@ class DoneEvent:
             "usage": dict(self.usage),
             "timings": dict(self.timings),
         }
+        if self.constrained:
+            out["json"] = self.json_value
+        return out
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,7 @@ _REQUEST_FIELDS = frozenset(
         "repeat_penalty", "seed", "stop", "stream", "priority", "deadline_ms", "reply_to",
     }
 )
+CONSTRAINT_FIELDS = frozenset({"format", "json_schema", "grammar"})
 
 
 def parse_request(
@@ -262,11 +272,16 @@ def parse_request(
     *,
     allow_reply_to: bool = False,
     limits: Limits = DEFAULT_LIMITS,
+    constraints: ConstraintCompiler | None = None,
 ) -> Request:
     """Validate a request object; raises `EdgeError(invalid_request)` naming the field at fault
-    (and, for a resource limit, the limit: `limits.<key>`)."""
+    (and, for a resource limit, the limit: `limits.<key>`).
+
+    `constraints` compiles `format`/`json_schema`/`grammar`; a door that passes none refuses them."""
     _check_depth(obj, limits.max_json_depth)
     allowed = _REQUEST_FIELDS if allow_reply_to else _REQUEST_FIELDS - {"reply_to"}
+    if constraints is not None:
+        allowed = allowed | CONSTRAINT_FIELDS
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise EdgeError(
@@ -301,6 +316,7 @@ def parse_request(
         seed = defaults.seed
     if seed == -1:
         seed = None
+    constraint = constraints.from_fields(obj) if constraints is not None else None
 
     return Request(
         id=request_id,
@@ -319,6 +335,7 @@ def parse_request(
         priority=_parse_priority(obj.get("priority")),
         deadline_ms=_opt_int(obj, "deadline_ms", None, 1, 86_400_000),
         reply_to=_parse_reply_to(obj.get("reply_to")),
+        grammar=None if constraint is None else constraint.gbnf,
     )
 
 
@@ -476,3 +493,6 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
+
+
+json_type = _json_type  # the JSON name of a value's type, for messages (also used by daemon.constraints)

@@ -20,9 +20,11 @@ import structlog
 
 from daemon import __version__, sdnotify
 from daemon.config import Config, ConfigError, load_config
+from daemon.constraints import ConstraintCompiler
 from daemon.engine import Engine
 from daemon.logs import configure_logging
 from daemon.paths import serve_socket_path, state_dir
+from daemon.tasks import TaskRegistry, limits_of
 from daemon.transports.network import NetworkDoors
 from daemon.transports.unix_socket import UnixSocketServer
 from daemon.worker import InferenceWorker
@@ -54,6 +56,12 @@ class Daemon:
         self.cfg = replace(cfg, state_dir=state_dir(cfg.state_dir))
         self.config_path = config_path
         self.worker = InferenceWorker(self.cfg, self._make_engine)
+        from daemon.engine.grammar_check import gbnf_refusal
+
+        self.constraints = ConstraintCompiler(limits_of(self.cfg.constraints), gbnf_refusal)
+        self.tasks = TaskRegistry.compile(self.cfg.tasks, self.constraints)
+        self.worker.add_status_section("constraints", self.constraints.status)
+        self.worker.add_status_section("tasks", lambda: {"names": self.tasks.names()})
         self.socket_server: UnixSocketServer | None = None
         self.mqtt: Any = None
         self.doors: NetworkDoors | None = None  # HTTP and Wyoming
@@ -140,11 +148,14 @@ class Daemon:
     async def _start_transports(self, loop: asyncio.AbstractEventLoop) -> None:
         inherited = sdnotify.listen_fds()
         socket_cfg = replace(self.cfg.socket, path=str(serve_socket_path(self.cfg.socket.path)))
-        self.socket_server = UnixSocketServer(socket_cfg, self.worker, loop, limits=lambda: self.cfg.limits)
+        self.socket_server = UnixSocketServer(
+            socket_cfg, self.worker, loop, limits=lambda: self.cfg.limits, constraints=self.constraints,
+            tasks=self.tasks,
+        )
         await self.socket_server.start(inherited[0] if inherited else None)
         if self.cfg.mqtt.enabled:
             self._start_mqtt(self.cfg)
-        self.doors = NetworkDoors(self.worker, loop)
+        self.doors = NetworkDoors(self.worker, loop, constraints=self.constraints)
         await self.doors.start(self.cfg)
 
     def _start_mqtt(self, cfg: Config) -> None:
@@ -153,6 +164,7 @@ class Daemon:
         self.mqtt = MqttTransport(
             cfg.mqtt, self.worker, state_dir=cfg.state_dir, version=__version__,
             model_name=_configured_model_name(cfg), limits=lambda: self.cfg.limits,
+            constraints=self.constraints,
         )
         self.mqtt.start()
 
@@ -238,6 +250,7 @@ class Daemon:
         self.cfg = new
         self.worker.cfg = new
         self.worker.set_max_depth(new.queue.max_depth)
+        self._reload_tasks(new)
         self._reload_governor(new)
         if self.mqtt is not None and new.mqtt != old.mqtt:
             if new.mqtt.enabled:
@@ -268,6 +281,18 @@ class Daemon:
             self.sensors.reconfigure(new.governor)
         else:
             self._start_governor()
+
+    def _reload_tasks(self, new: Config) -> None:
+        """New constraint limits and tasks (load_config already checked they compile)."""
+        self.constraints.reconfigure(limits_of(new.constraints))
+        old = self.tasks.names()
+        try:
+            self.tasks.replace(TaskRegistry.compile(new.tasks, self.constraints))
+        except Exception as exc:  # validated at load, so only a bug lands here: keep the old tasks
+            log.error("tasks.reload_failed", error=str(exc), kept=old)
+            return
+        if self.tasks.names() != old:
+            log.info("tasks.reloaded", tasks=self.tasks.names(), before=old)
 
     def _load_engine(self, cfg: Config) -> Engine:
         engine = self._make_engine(cfg)

@@ -313,7 +313,7 @@ class Engine:
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
         params = SamplerParams(
             temperature=request.temperature, top_k=request.top_k, top_p=request.top_p, min_p=request.min_p,
-            repeat_penalty=request.repeat_penalty, seed=seed, grammar=getattr(request, "grammar", None),
+            repeat_penalty=request.repeat_penalty, seed=seed, grammar=request.grammar,
         )
         try:
             sampler = llama.sampler(params, prepared.tokens)

@@ -26,6 +26,9 @@ _GGML_WARN, _GGML_ERROR = 3, 4
 # llama.cpp warns with this when an aborted decode rolls back: expected, not a problem.
 _EXPECTED_WARNINGS = ("removing memory module entries",)
 _log_callback: Any = None  # the ctypes callback must outlive every call llama.cpp makes to it
+# Listeners see each warning/error line first; one that returns True consumes it (not logged).
+# daemon.engine.grammar_check reads llama.cpp's reason for refusing a grammar here.
+llama_log_listeners: list[Callable[[int, str], bool]] = []
 
 
 class LlamaError(Exception):
@@ -52,6 +55,8 @@ def route_llama_logs() -> None:
     def forward(level: int, text: bytes, user_data: Any) -> None:
         if level in (_GGML_WARN, _GGML_ERROR):
             message = text.decode("utf-8", errors="replace").strip()
+            if message and any(listener(level, message) for listener in list(llama_log_listeners)):
+                return
             if message and not any(m in message for m in _EXPECTED_WARNINGS):
                 (log.error if level == _GGML_ERROR else log.warning)("llama_cpp.log", message=message)
 
@@ -278,17 +283,25 @@ class Llama:
 
 
 class Sampler:
-    """One request's sampler chain: repeat penalty, [grammar], top-k, top-p, min-p, temperature,
-    seeded dist — or greedy at temperature 0 — the order llama-cpp-python's generate() uses.
+    """One request's sampler chain: repeat penalty, top-k, top-p, min-p, temperature, seeded dist —
+    or greedy at temperature 0 — the order llama-cpp-python's generate() uses; and a grammar.
 
     llama.cpp's `llama_sampler_sample` first copies the whole logits row into an array of
     (id, logit, p) — 262,144 entries for Gemma 3 — which costs 1–2 ms a token, more than 10 % of a
     decode step of a small model. Two exact shortcuts avoid it when nothing needs the full row (no
-    repeat penalty, no grammar): at temperature 0 the answer is the row's argmax (first maximum,
-    as llama.cpp's greedy picks); otherwise the top-k tokens are found with one vectorised pass
-    (every token within a margin of the maximum, widened until at least k pass) and, sorted as
-    llama.cpp's top-k leaves them, handed to the rest of the same chain (top-p, min-p,
-    temperature, seeded dist). The chain then sees exactly the candidates it would have seen.
+    repeat penalty): at temperature 0 the answer is the row's argmax (first maximum, as llama.cpp's
+    greedy picks); otherwise the top-k tokens are found with one vectorised pass (every token
+    within a margin of the maximum, widened until at least k pass) and, sorted as llama.cpp's
+    top-k leaves them, handed to the rest of the same chain (top-p, min-p, temperature, seeded
+    dist). The chain then sees exactly the candidates it would have seen.
+
+    A grammar would cost far more if applied to the whole row for every token (hundreds of ms on
+    this vocabulary): the token is sampled as usual and checked against the grammar alone; only
+    when the grammar refuses it are the candidates checked, best first, in widening chunks, until
+    enough allowed ones are found (one at temperature 0, k otherwise), and the chain picks among
+    those — what llama.cpp's own common sampler does. The chain sees the candidates it would see
+    with the grammar applied to the whole row first: at temperature 0 the same tokens (tested); when
+    sampling, the same distribution (a refused first draw uses up one draw of the seeded RNG).
     """
 
     def __init__(self, llama: Llama, params: SamplerParams, history: Sequence[int]) -> None:
@@ -298,20 +311,22 @@ class Sampler:
         self._lib = lib
         self._np = np
         self._ctx = llama._ctx
+        self._llama = llama
         self._n_vocab = int(lib.llama_vocab_n_tokens(llama.vocab))
-        full_row = params.repeat_penalty != 1.0 or params.grammar is not None or params.top_k <= 0
+        self._grammar: Any = None
+        if params.grammar is not None:
+            self._grammar = lib.llama_sampler_init_grammar(llama.vocab, params.grammar.encode(), b"root")
+            if not self._grammar:
+                raise LlamaError("the grammar could not be parsed (see the llama_cpp.log lines)")
+        full_row = params.repeat_penalty != 1.0 or params.top_k <= 0
         self._greedy = params.temperature <= 0 and not full_row
         self._top_k = 0 if full_row or params.temperature <= 0 else min(params.top_k, self._n_vocab)
+        self._needed = 1 if params.temperature <= 0 else (params.top_k if params.top_k > 0 else self._n_vocab)
+        self._full_row = full_row
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         parts: list[Any] = []
         if params.repeat_penalty != 1.0:
             parts.append(lib.llama_sampler_init_penalties(self._n_vocab, 64, params.repeat_penalty, 0.0, 0.0))
-        if params.grammar is not None:
-            grammar = lib.llama_sampler_init_grammar(llama.vocab, params.grammar.encode(), b"root")
-            if not grammar:
-                lib.llama_sampler_free(chain)
-                raise LlamaError("the grammar could not be parsed (see the llama_cpp.log lines)")
-            parts.append(grammar)
         if params.temperature <= 0:
             parts.append(lib.llama_sampler_init_greedy())
         else:
@@ -328,14 +343,23 @@ class Sampler:
             for token in history[-64:]:  # the prompt counts as "already in the text"
                 lib.llama_sampler_accept(penalties, token)
         self._chain: Any = chain
-        if self._top_k:
-            self._candidates = (lib.llama_token_data * self._top_k)()
-            self._array = lib.llama_token_data_array(
-                data=self._candidates, size=self._top_k, selected=-1, sorted=True
-            )
+        self._dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        self._one = (lib.llama_token_data * 1)()
 
     def sample(self, index: int) -> int:
         """Sample from the logits of batch row `index` (and accept the token into the chain)."""
+        if self._grammar is None:
+            return self._pick(index)
+        if not self._full_row:
+            token = self._pick(index)
+            if self._allowed(token):
+                self._accept_grammar(token)
+                return token
+        token = self._pick_allowed(index)
+        self._accept_grammar(token)
+        return token
+
+    def _pick(self, index: int) -> int:
         if self._greedy:
             return int(self._row(index).argmax())
         if self._top_k:
@@ -346,30 +370,72 @@ class Sampler:
         pointer = self._lib.llama_get_logits_ith(self._ctx, index)
         return self._np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
+    def _best_first(self, row: Any, margin: float) -> Any:
+        """Token ids within `margin` of the row's maximum (all, for an infinite margin), highest
+        first, ties by token id — sorted as llama.cpp's top-k hands them on."""
+        np = self._np
+        ids = np.flatnonzero(row >= float(row.max()) - margin) if margin != float("inf") else np.arange(len(row))
+        return ids[np.lexsort((ids, -row[ids]))]
+
     def _sample_top_k(self, index: int) -> int:
-        np, k = self._np, self._top_k
         row = self._row(index)
-        top = float(row.max())
-        for margin in (8.0, 16.0, 32.0):
-            ids = np.flatnonzero(row >= top - margin)
-            if len(ids) >= k:
+        for margin in (8.0, 16.0, 32.0, float("inf")):
+            chosen = self._best_first(row, margin)
+            if len(chosen) >= self._top_k:
                 break
-        else:
-            ids = np.arange(self._n_vocab)
-        # Highest first (ties by token id), sorted as llama.cpp's top-k hands them on.
-        order = np.lexsort((ids, -row[ids]))[:k]
-        chosen = ids[order]
-        for slot, (token, logit) in enumerate(zip(chosen.tolist(), row[chosen].tolist())):
-            entry = self._candidates[slot]
-            entry.id, entry.logit, entry.p = token, logit, 0.0
-        array = self._array
-        array.size, array.selected, array.sorted = len(chosen), -1, True
-        self._lib.llama_sampler_apply(self._chain, ctypes.byref(array))
-        token = int(self._candidates[array.selected].id)
-        self._lib.llama_sampler_accept(self._chain, token)
+        return self._apply_chain(chosen[: self._top_k], row[chosen[: self._top_k]])
+
+    def _apply_chain(self, ids: Any, logits: Any) -> int:
+        """The chain over these candidates (best first); the chosen token is accepted into it."""
+        np, lib = self._np, self._lib
+        data = np.empty(len(ids), dtype=self._dtype)
+        data["id"], data["logit"], data["p"] = ids, logits, 0.0
+        array = lib.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), size=len(ids), selected=-1, sorted=True
+        )
+        lib.llama_sampler_apply(self._chain, ctypes.byref(array))
+        token = int(data["id"][array.selected])
+        lib.llama_sampler_accept(self._chain, token)
         return token
+
+    def _allowed(self, token: int) -> bool:
+        one = self._one
+        one[0].id, one[0].logit, one[0].p = token, 0.0, 0.0
+        array = self._lib.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        self._lib.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        return bool(one[0].logit != float("-inf"))
+
+    def _pick_allowed(self, index: int) -> int:
+        """The grammar refused the sampled token: find allowed candidates, best first, and let the
+        chain choose among them."""
+        np, lib = self._np, self._lib
+        row = self._row(index)
+        for margin in (8.0, 16.0, 32.0, float("inf")):
+            ids = self._best_first(row, margin)
+            data = np.empty(len(ids), dtype=self._dtype)
+            data["id"], data["logit"], data["p"] = ids, row[ids], 0.0
+            array = lib.llama_token_data_array(
+                data=data.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), size=len(ids), selected=-1,
+                sorted=True,
+            )
+            lib.llama_sampler_apply(self._grammar, ctypes.byref(array))
+            allowed = ids[np.isfinite(data["logit"][: len(ids)])]
+            if len(allowed) >= self._needed or margin == float("inf"):
+                break
+        if not len(allowed):
+            raise LlamaError("the grammar allows no token here")
+        allowed = allowed[: self._needed] if self._needed < len(allowed) and not self._full_row else allowed
+        return self._apply_chain(allowed, row[allowed])
+
+    def _accept_grammar(self, token: int) -> None:
+        # End of generation ends the answer; llama.cpp aborts on an EOG the grammar is not ready for.
+        if not self._llama.is_eog(token):
+            self._lib.llama_sampler_accept(self._grammar, token)
 
     def close(self) -> None:
         if self._chain is not None:
             self._lib.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar is not None:
+            self._lib.llama_sampler_free(self._grammar)
+            self._grammar = None

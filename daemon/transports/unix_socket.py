@@ -40,6 +40,8 @@ from daemon.protocol import (
 if TYPE_CHECKING:
     from daemon.backend import Backend
     from daemon.config import SocketConfig
+    from daemon.constraints import ConstraintCompiler
+    from daemon.tasks import TaskRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -264,7 +266,12 @@ class _Connection:
             if "op" in obj:
                 self.handle_op(obj)
                 return
-            request = parse_request(obj, backend.defaults, limits=self.server.limits())
+            if "task" in obj and self.server.tasks is not None:
+                request = self.server.tasks.parse_call(obj, backend.defaults)
+            else:
+                request = parse_request(
+                    obj, backend.defaults, limits=self.server.limits(), constraints=self.server.constraints
+                )
         except EdgeError as exc:
             # An error about a control op is not about the request whose id it names.
             request_id = peek_id(obj) if obj is not None and "op" not in obj else None
@@ -296,8 +303,12 @@ class _Connection:
             _expect_fields(obj, {"op"})
             status = backend.status()
             self.send({"event": "health", "ok": status["state"] == "ready", "state": status["state"]})
+        elif op == "tasks" and self.server.tasks is not None:
+            _expect_fields(obj, {"op"})
+            self.send({"event": "tasks", "tasks": self.server.tasks.describe()})
         else:
-            raise EdgeError(Code.INVALID_REQUEST, f"op: unknown operation {quote(op)}; known: cancel, status, health")
+            known = "cancel, status, health" + (", tasks" if self.server.tasks is not None else "")
+            raise EdgeError(Code.INVALID_REQUEST, f"op: unknown operation {quote(op)}; known: {known}")
 
     # How long shutdown waits for a client to take its last events before dropping it.
     FLUSH_TIMEOUT_S = 1.0
@@ -327,11 +338,16 @@ class UnixSocketServer:
         backend: Backend,
         loop: asyncio.AbstractEventLoop,
         limits: Callable[[], Limits] = lambda: DEFAULT_LIMITS,
+        *,
+        constraints: ConstraintCompiler | None = None,
+        tasks: TaskRegistry | None = None,
     ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.loop = loop
         self.limits = limits  # asked per request, so a SIGHUP's new [limits] apply at once
+        self.constraints = constraints  # compiles format/json_schema/grammar; None refuses them
+        self.tasks = tasks  # answers {"task": ...} and {"op": "tasks"}
         self.path = Path(cfg.path)
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None

@@ -30,6 +30,7 @@ from daemon.protocol import (
 
 if TYPE_CHECKING:
     from daemon.config import GenerationConfig
+    from daemon.constraints import ConstraintCompiler
 
 # MQTT topic names are UTF-8 strings of at most 65535 bytes; publishing to a name with a wildcard
 # or a NUL is a protocol error that makes the broker drop the connection.
@@ -276,6 +277,7 @@ def interpret_request(
     expiry_s: int | None = None,
     destinations: Destinations | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    constraints: ConstraintCompiler | None = None,
 ) -> Decision:
     """Turn one request message into an accepted `Request` with its route, or a structured error
     with the best route we can find for it. Validation is the socket's (`daemon.protocol`).
@@ -302,7 +304,7 @@ def interpret_request(
     obj: dict[str, Any] | None = None
     try:
         obj = parse_json_object(payload)
-        request = parse_request(obj, defaults, allow_reply_to=True, limits=limits)
+        request = parse_request(obj, defaults, allow_reply_to=True, limits=limits, constraints=constraints)
     except Exception as exc:
         # Validation's own errors, and anything else it lets escape (a bug there must still be
         # answered on the client's route, with its id): mapped here, once.

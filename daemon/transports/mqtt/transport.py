@@ -77,6 +77,7 @@ from daemon.transports.mqtt.topics import (
 if TYPE_CHECKING:
     from daemon.backend import Backend
     from daemon.config import MqttConfig
+    from daemon.constraints import ConstraintCompiler
 
 log = structlog.get_logger(__name__)
 
@@ -152,11 +153,13 @@ class MqttTransport:
         hostname: str | None = None,
         model_name: str | None = None,
         limits: Callable[[], Limits] | None = None,
+        constraints: ConstraintCompiler | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.backend = backend
         self._limits = limits or (lambda: DEFAULT_LIMITS)  # [limits], live across SIGHUP
+        self._constraints = constraints  # compiles format/json_schema/grammar; None refuses them
         self.state_dir = state_dir
         self.version = version
         self._hostname = hostname or socket.gethostname()
@@ -635,6 +638,7 @@ class MqttTransport:
             expiry_s=expiry if isinstance(expiry, int) else None,
             destinations=self._destinations,
             limits=self._limits(),
+            constraints=self._constraints,
         )
         if not isinstance(decision, Accepted):
             self.counters.rejected += 1
