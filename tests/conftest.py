@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DaemonProcess, write_config
+from tests.mqtt_broker import MosquittoBroker
 from tests.reliability import pytest_terminal_summary  # noqa: F401  (prints the reliability figures)
 
 
@@ -39,3 +40,10 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) ->
     with DaemonProcess(write_config(tmp, gemma_path)) as daemon:
         daemon.wait_ready()
         yield daemon
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A private Mosquitto for the tests of a module (a module may define its own instead)."""
+    with MosquittoBroker(tmp_path_factory.mktemp("broker")) as b:
+        yield b

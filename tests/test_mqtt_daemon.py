@@ -76,12 +76,6 @@ def new_id(tag: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    with MosquittoBroker(tmp_path_factory.mktemp("broker")) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
 def daemon(
     tmp_path_factory: pytest.TempPathFactory, gemma_path: Path, broker: MosquittoBroker
 ) -> Iterator[DaemonProcess]:

@@ -35,12 +35,6 @@ def wait_log(daemon: DaemonProcess, event: str, count: int = 1, timeout: float =
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    with MosquittoBroker(tmp_path_factory.mktemp("broker")) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
 def daemon(
     tmp_path_factory: pytest.TempPathFactory, tiny_olmo_path: Path, broker: MosquittoBroker
 ) -> Iterator[DaemonProcess]:

@@ -9,6 +9,7 @@ batch, sampler chains, sequence memory and sequence state. llama.cpp's failures 
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,9 +300,11 @@ class Sampler:
     this vocabulary): the token is sampled as usual and checked against the grammar alone; only
     when the grammar refuses it are the candidates checked, best first, in widening chunks, until
     enough allowed ones are found (one at temperature 0, k otherwise), and the chain picks among
-    those — what llama.cpp's own common sampler does. The chain sees the candidates it would see
-    with the grammar applied to the whole row first: at temperature 0 the same tokens (tested); when
-    sampling, the same distribution (a refused first draw uses up one draw of the seeded RNG).
+    those — what llama.cpp's own common sampler does. At temperature 0 that gives the tokens the
+    grammar applied to the whole row gives (tested). When sampling, the search stops once it holds
+    every allowed token that min-p could keep (those within ln(1/min_p) of the best allowed one):
+    the chain then chooses among the same tokens, with top-p's normalisation missing only the tokens
+    min-p removes anyway (a refused first draw also uses up one draw of the seeded RNG).
     """
 
     def __init__(self, llama: Llama, params: SamplerParams, history: Sequence[int]) -> None:
@@ -322,6 +325,9 @@ class Sampler:
         self._greedy = params.temperature <= 0 and not full_row
         self._top_k = 0 if full_row or params.temperature <= 0 else min(params.top_k, self._n_vocab)
         self._needed = 1 if params.temperature <= 0 else (params.top_k if params.top_k > 0 else self._n_vocab)
+        # min-p drops every token this many nats below the best allowed one: candidates further down
+        # cannot be chosen, so the search for allowed ones may stop above them.
+        self._min_p_nats = -math.log(params.min_p) if 0 < params.min_p < 1 and params.temperature > 0 else None
         self._full_row = full_row
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         parts: list[Any] = []
@@ -410,6 +416,7 @@ class Sampler:
         chain choose among them."""
         np, lib = self._np, self._lib
         row = self._row(index)
+        top = float(row.max())
         for margin in (8.0, 16.0, 32.0, float("inf")):
             ids = self._best_first(row, margin)
             data = np.empty(len(ids), dtype=self._dtype)
@@ -422,6 +429,9 @@ class Sampler:
             allowed = ids[np.isfinite(data["logit"][: len(ids)])]
             if len(allowed) >= self._needed or margin == float("inf"):
                 break
+            floor = None if self._min_p_nats is None or not len(allowed) else float(row[allowed[0]]) - self._min_p_nats
+            if floor is not None and top - margin <= floor:
+                break  # every allowed token min-p would keep is in hand
         if not len(allowed):
             raise LlamaError("the grammar allows no token here")
         allowed = allowed[: self._needed] if self._needed < len(allowed) and not self._full_row else allowed
