@@ -151,6 +151,7 @@ class InferenceWorker:
         self._busy = False
         self._idle_since = clock()
         self._last_cold_start_ms: float | None = None
+        self._keep_alive_s: float | None = None  # a client's (Ollama's keep_alive), else the config's
         self._loaded_event = threading.Event()
         self.loop = BatchLoop(self)
 
@@ -209,7 +210,7 @@ class InferenceWorker:
                     preemptions=scheduler.preemptions,
                     kv_cells=scheduler.kv_capacity,
                     kv_cells_reserved=scheduler.kv_reserved,
-                    keep_alive_s=self.cfg.engine.keep_alive_s,
+                    keep_alive_s=self.keep_alive_s,
                     last_cold_start_ms=self._last_cold_start_ms,
                     n_threads=None if engine is None else engine.threads,
                     engine={} if engine is None else engine.status(),
@@ -243,6 +244,18 @@ class InferenceWorker:
         with self._cv:
             if listener in self._listeners:
                 self._listeners.remove(listener)
+
+    def set_keep_alive(self, seconds: float | None) -> None:
+        """How long to stay loaded when idle, as the latest client asked (Ollama's `keep_alive`:
+        -1 forever, 0 unload when done); None goes back to `engine.keep_alive_s`."""
+        with self._cv:
+            self._keep_alive_s = seconds
+            self._idle_since = self._clock()
+            self._cv.notify_all()
+
+    @property
+    def keep_alive_s(self) -> float:
+        return self.cfg.engine.keep_alive_s if self._keep_alive_s is None else self._keep_alive_s
 
     def can_accept(self) -> bool:
         with self._cv:
@@ -524,7 +537,7 @@ class InferenceWorker:
         if engine.loaded and memory_unload:
             self._unload(engine, WorkerState.UNAVAILABLE, "model unloaded: memory critically low")
         elif engine.loaded and self._state is WorkerState.READY and not waiting:
-            keep = self.cfg.engine.keep_alive_s
+            keep = self.keep_alive_s
             if keep >= 0 and idle_for >= keep:
                 self._unload(engine, WorkerState.IDLE, "")
         elif not engine.loaded and not memory_unload:

@@ -339,3 +339,23 @@ def test_the_readme_curl_example_works(served: tuple[DaemonProcess, int]) -> Non
     out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120, check=True).stdout
     reply = json.loads(out)
     assert reply["done"] is True and reply["eval_count"] == 8 and reply["response"]
+
+
+def test_ollama_keep_alive_drives_the_engines_keep_alive(tmp_path: Path, gemma_path: Path) -> None:
+    """As Ollama: the latest request's keep_alive says how long the model stays loaded when idle —
+    0 unloads it once the answer is out, -1 keeps it; the next request loads it again."""
+    daemon, port = http_daemon(tmp_path, gemma_path)
+    with daemon:
+        daemon.wait_ready()
+        oc = ollama.Client(host=f"http://127.0.0.1:{port}")
+        first = oc.chat(model="edgellm", messages=HI, keep_alive=0, options={"num_predict": 4})
+        with daemon.client() as c:
+            idle = wait_status(c, lambda s: s["state"] == "idle", timeout=20)
+            assert idle["engine"]["keep_alive_s"] == 0
+            again = oc.chat(model="edgellm", messages=HI, keep_alive=-1, options={"num_predict": 4})
+            time.sleep(1.5)
+            status = c.status()
+        (loaded,) = oc.ps()["models"]
+    assert first["done"] and again["done"] and again["message"]["content"]
+    assert status["state"] == "ready" and status["engine"]["keep_alive_s"] == -1
+    assert loaded["expires_at"].year > 2100  # -1: kept loaded, shown as centuries away

@@ -53,7 +53,7 @@ class Plan:
     request: Request | None  # None: no prompt, only "load the model" (answered done_reason "load")
     tools: tuple[T.Tool, ...] = ()
     choice: T.ToolChoice = T.NONE
-    keep_alive_s: float | None = None  # parsed and validated; applied once the engine has keep-alive
+    keep_alive_s: float | None = None  # the client's keep_alive: how long the model stays loaded when idle
 
 
 def iso(when: datetime) -> str:

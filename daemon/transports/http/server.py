@@ -177,7 +177,7 @@ class HttpDoor:
         return web.json_response(ollama.tags_reply(self.served()))
 
     async def ps(self, request: web.Request) -> web.StreamResponse:
-        expires = ollama.expires_at(self._last_used, self.cfg.engine.keep_alive_s)
+        expires = ollama.expires_at(self._last_used, float(self.backend.status()["engine"]["keep_alive_s"]))
         return web.json_response(ollama.ps_reply(self.served(), expires))
 
     async def show(self, request: web.Request) -> web.StreamResponse:
@@ -207,6 +207,8 @@ class HttpDoor:
         return await self._ollama(request, plan, chat=False)
 
     async def _ollama(self, request: web.Request, plan: ollama.Plan, chat: bool) -> web.StreamResponse:
+        if plan.keep_alive_s is not None:
+            self.backend.set_keep_alive(plan.keep_alive_s)  # as Ollama: the latest request's keep_alive rules
         if plan.request is None:
             reply = ollama.load_reply(plan.model, now(), chat)
             return web.Response(body=ndjson(reply), content_type=NDJSON) if plan.stream else web.json_response(reply)
