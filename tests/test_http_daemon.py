@@ -359,3 +359,19 @@ def test_ollama_keep_alive_drives_the_engines_keep_alive(tmp_path: Path, gemma_p
     assert first["done"] and again["done"] and again["message"]["content"]
     assert status["state"] == "ready" and status["engine"]["keep_alive_s"] == -1
     assert loaded["expires_at"].year > 2100  # -1: kept loaded, shown as centuries away
+
+
+def test_the_limits_apply_to_http_requests_too(tmp_path: Path, gemma_path: Path) -> None:
+    daemon, port = http_daemon(tmp_path, gemma_path, limits={"max_tokens": 8}, generation={"max_tokens": 8})
+    with daemon:
+        daemon.wait_ready()
+        oc = ollama.Client(host=f"http://127.0.0.1:{port}")
+        with pytest.raises(ollama.ResponseError) as refused:
+            oc.chat(model="edgellm", messages=HI, options={"num_predict": 50})
+        ai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        with pytest.raises(openai.BadRequestError) as bad:
+            ai.completions.create(model="edgellm", prompt=ONCE, max_tokens=50)
+        ok = oc.chat(model="edgellm", messages=HI, options={"num_predict": 8})
+    assert refused.value.status_code == 400 and "limits.max_tokens" in refused.value.error
+    assert "limits.max_tokens" in str(bad.value)
+    assert ok["done"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.protocol import Code, EdgeError, Request, new_request_id, parse_request
+from daemon.protocol import DEFAULT_LIMITS, Code, EdgeError, Limits, Request, new_request_id, parse_request
 from daemon.transports.http import tools as T
 
 if TYPE_CHECKING:
@@ -169,10 +169,12 @@ Constraints = Any
 
 
 def to_protocol(obj: dict[str, Any], defaults: GenerationConfig, client_names: Mapping[str, str],
-                constraints: Constraints = None) -> Request:
+                constraints: Constraints = None, limits: Limits = DEFAULT_LIMITS) -> Request:
     """`parse_request` on an object the adapter built; an error naming a protocol field is reworded
     with the client's own name for it (`max_tokens` -> `options.num_predict`)."""
-    extra: dict[str, Any] = {} if constraints is None else {"constraints": constraints}
+    extra: dict[str, Any] = {"limits": limits}
+    if constraints is not None:
+        extra["constraints"] = constraints
     try:
         return parse_request(obj, defaults, **extra)
     except EdgeError as exc:

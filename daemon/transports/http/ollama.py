@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from daemon import __version__
-from daemon.protocol import Code, DoneEvent, EdgeError, Request, new_request_id
+from daemon.protocol import DEFAULT_LIMITS, Code, DoneEvent, EdgeError, Limits, Request, new_request_id
 from daemon.transports.http import tools as T
 from daemon.transports.http.common import (
     MODEL_NOT_FOUND,
@@ -172,7 +172,7 @@ def _tool_calls(value: Any, at: str) -> tuple[T.ToolCall, ...]:
 
 
 def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel,
-              constraints: Constraints = None) -> Plan:
+              constraints: Constraints = None, limits: Limits = DEFAULT_LIMITS) -> Plan:
     """POST /api/chat."""
     model = served.resolve(body.get("model"))
     stream = boolean(body, "stream", True, "stream")  # Ollama streams unless told not to
@@ -187,11 +187,12 @@ def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: Serve
         return Plan(model, stream, None, keep_alive_s=keep_alive)
     fields = {"stream": stream, **_sampling(options)}
     obj = chat_request(turns, tools, choice, fields, _constraint(body, constraints), "format", constraints)
-    return Plan(model, stream, to_protocol(obj, defaults, _CLIENT_NAMES, constraints), tools, choice, keep_alive)
+    request = to_protocol(obj, defaults, _CLIENT_NAMES, constraints, limits)
+    return Plan(model, stream, request, tools, choice, keep_alive)
 
 
 def generate_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel,
-                  constraints: Constraints = None) -> Plan:
+                  constraints: Constraints = None, limits: Limits = DEFAULT_LIMITS) -> Plan:
     """POST /api/generate."""
     model = served.resolve(body.get("model"))
     stream = boolean(body, "stream", True, "stream")
@@ -214,7 +215,7 @@ def generate_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: S
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         obj["messages"] = messages
-    return Plan(model, stream, to_protocol(obj, defaults, _CLIENT_NAMES, constraints), keep_alive_s=keep_alive)
+    return Plan(model, stream, to_protocol(obj, defaults, _CLIENT_NAMES, constraints, limits), keep_alive_s=keep_alive)
 
 
 def _think(body: Mapping[str, Any]) -> None:

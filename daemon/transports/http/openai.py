@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from daemon.protocol import Code, DoneEvent, EdgeError, Request, new_request_id
+from daemon.protocol import DEFAULT_LIMITS, Code, DoneEvent, EdgeError, Limits, Request, new_request_id
 from daemon.transports.http import tools as T
 from daemon.transports.http.common import (
     Constraints,
@@ -160,7 +160,7 @@ def _response_format(body: Mapping[str, Any], constraints: Constraints) -> dict[
 
 
 def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel,
-              constraints: Constraints = None) -> Plan:
+              constraints: Constraints = None, limits: Limits = DEFAULT_LIMITS) -> Plan:
     """POST /v1/chat/completions."""
     model = served.resolve(body.get("model"))
     stream, include_usage = _stream(body)
@@ -170,10 +170,12 @@ def chat_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: Serve
     fields = {"stream": stream, **_common(body)}
     obj = chat_request(turns, tools, choice, fields, _response_format(body, constraints), "response_format",
                        constraints)
-    return Plan(model, stream, include_usage, to_protocol(obj, defaults, _CLIENT_NAMES, constraints), tools, choice)
+    request = to_protocol(obj, defaults, _CLIENT_NAMES, constraints, limits)
+    return Plan(model, stream, include_usage, request, tools, choice)
 
 
-def completion_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel) -> Plan:
+def completion_plan(body: Mapping[str, Any], defaults: GenerationConfig, served: ServedModel,
+                    limits: Limits = DEFAULT_LIMITS) -> Plan:
     """POST /v1/completions: the prompt is continued as is (raw, no chat template)."""
     model = served.resolve(body.get("model"))
     stream, include_usage = _stream(body)
@@ -186,7 +188,7 @@ def completion_plan(body: Mapping[str, Any], defaults: GenerationConfig, served:
     if not isinstance(prompt, str) or not prompt:
         raise EdgeError(Code.INVALID_REQUEST, "prompt: must be a non-empty string (one prompt per request)")
     obj = {"id": new_request_id(), "prompt": prompt, "raw": True, "stream": stream, **_common(body)}
-    return Plan(model, stream, include_usage, to_protocol(obj, defaults, _CLIENT_NAMES))
+    return Plan(model, stream, include_usage, to_protocol(obj, defaults, _CLIENT_NAMES, limits=limits))
 
 
 # --- replies ---------------------------------------------------------------------------------

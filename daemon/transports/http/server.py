@@ -198,12 +198,12 @@ class HttpDoor:
 
     async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
         plan = ollama.chat_plan(await self._body(request), self.backend.defaults, self.served(),
-                       self.constraints)
+                       self.constraints, self.cfg.limits)
         return await self._ollama(request, plan, chat=True)
 
     async def ollama_generate(self, request: web.Request) -> web.StreamResponse:
         plan = ollama.generate_plan(await self._body(request), self.backend.defaults, self.served(),
-                       self.constraints)
+                       self.constraints, self.cfg.limits)
         return await self._ollama(request, plan, chat=False)
 
     async def _ollama(self, request: web.Request, plan: ollama.Plan, chat: bool) -> web.StreamResponse:
@@ -257,11 +257,11 @@ class HttpDoor:
 
     async def openai_chat(self, request: web.Request) -> web.StreamResponse:
         plan = openai.chat_plan(await self._body(request), self.backend.defaults, self.served(),
-                       self.constraints)
+                       self.constraints, self.cfg.limits)
         return await self._openai(request, plan, chat=True)
 
     async def openai_completions(self, request: web.Request) -> web.StreamResponse:
-        plan = openai.completion_plan(await self._body(request), self.backend.defaults, self.served())
+        plan = openai.completion_plan(await self._body(request), self.backend.defaults, self.served(), self.cfg.limits)
         return await self._openai(request, plan, chat=False)
 
     async def _openai(self, request: web.Request, plan: openai.Plan, chat: bool) -> web.StreamResponse:
