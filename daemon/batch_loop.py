@@ -120,8 +120,8 @@ class BatchLoop:
         step = pace(decision, self.last_step_s, self.paused_since, now, worker.cfg.governor.max_pause_s)
         if step.action is PaceAction.STOP:
             if self.paused_since is not None:
-                log.warning("generation.pause_too_long", ids=[j.id for j in active],
-                            paused_s=round(now - self.paused_since, 1))
+                for job in active:
+                    log.warning("generation.pause_too_long", id=job.id, paused_s=round(now - self.paused_since, 1))
             for job in active:
                 self.end(job, step.reason or Code.THROTTLED, engine)
             self.paused_since = None
@@ -129,13 +129,14 @@ class BatchLoop:
         if step.action is PaceAction.PAUSE:
             if self.paused_since is None:
                 self.paused_since = now
-                log.info("generation.paused", ids=[j.id for j in active],
-                         governor_state=decision.state if decision else None)
+                for job in active:  # one event per stream, as the docs show them
+                    log.info("generation.paused", id=job.id, governor_state=decision.state if decision else None)
             worker.beat(busy=True)
             self._rest(PAUSE_TICK_S, active)
             return
         if self.paused_since is not None:
-            log.info("generation.resumed", ids=[j.id for j in active], paused_s=round(now - self.paused_since, 1))
+            for job in active:
+                log.info("generation.resumed", id=job.id, paused_s=round(now - self.paused_since, 1))
             self.paused_since = None
         if step.action is PaceAction.REST:
             self._rest(step.seconds, active)

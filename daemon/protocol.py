@@ -251,9 +251,11 @@ def quote(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
+        # Not ASCII-escaped: an emoji would take 12 characters of the message instead of one. (A lone
+        # surrogate is made safe by the line encoder, to_json_line, like any other odd string.)
         if len(value) <= MAX_QUOTED_CHARS:
-            return json.dumps(value, ensure_ascii=True)
-        return json.dumps(value[:MAX_QUOTED_CHARS], ensure_ascii=True)[:-1] + f'…" ({len(value)} characters)'
+            return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value[:MAX_QUOTED_CHARS], ensure_ascii=False)[:-1] + f'…" ({len(value)} characters)'
     return _json_type(value)
 
 

@@ -47,3 +47,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker
     """A private Mosquitto for the tests of a module (a module may define its own instead)."""
     with MosquittoBroker(tmp_path_factory.mktemp("broker")) as b:
         yield b
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config_restored() -> Iterator[None]:
+    """A test that runs a CLI command in this process reconfigures structlog (level, stream):
+    every test starts from the configuration the one before it found."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

@@ -36,10 +36,22 @@ def test_kv_cache_from_gguf_metadata(tiny_olmo_path: Path) -> None:
 
 
 def _llama_cpp_allocation(gemma_path: Path, capfd: pytest.CaptureFixture[str], **kwargs: object) -> tuple[float, float]:
-    import llama_cpp
+    import ctypes
 
-    llm = llama_cpp.Llama(str(gemma_path), n_threads=1, verbose=True, **kwargs)  # type: ignore[arg-type]
-    del llm
+    import llama_cpp
+    from llama_cpp import _logger
+
+    from daemon.engine import llama as engine_llama
+
+    # llama-cpp-python's own logger writes to stderr; an engine loaded earlier in this session may
+    # have routed llama.cpp's log into structlog instead: put the stderr one back for this load.
+    llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    try:
+        llm = llama_cpp.Llama(str(gemma_path), n_threads=1, verbose=True, **kwargs)  # type: ignore[arg-type]
+        del llm
+    finally:
+        if engine_llama._log_callback is not None:
+            llama_cpp.llama_log_set(engine_llama._log_callback, ctypes.c_void_p(0))
     log = capfd.readouterr().err
 
     def mib(pattern: str) -> float:
