@@ -18,7 +18,9 @@ import openai
 import pytest
 
 from tests.helpers import DaemonProcess, free_port, wait_status, write_config
+from tests.mqtt_broker import MosquittoBroker, Probe
 from tests.test_governor_daemon import meminfo
+from tests.test_mqtt_daemon import mqtt_overrides, wait_online
 
 HI = [{"role": "user", "content": "Say hi"}]
 ONCE = "Once upon a time, there was a little"
@@ -255,8 +257,10 @@ def test_non_loopback_bind_without_a_key_is_a_config_error(tmp_path: Path, gemma
     assert "http.api_key_file" in daemon.log()
 
 
-def test_a_flood_gets_503_with_retry_after_and_never_hangs(tmp_path: Path, gemma_path: Path) -> None:
-    daemon, port = http_daemon(tmp_path, gemma_path, queue={"max_depth": 1})
+def test_a_flood_gets_503_with_retry_after_and_never_hangs(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    daemon, port = http_daemon(tmp_path, gemma_path, queue={"max_depth": 1}, **mqtt_overrides(broker, "flood"))
     results: list[tuple[int, dict[str, str]]] = []
     lock = threading.Lock()
 
@@ -268,6 +272,7 @@ def test_a_flood_gets_503_with_retry_after_and_never_hangs(tmp_path: Path, gemma
 
     with daemon:
         daemon.wait_ready()
+        wait_online(broker, "edgellm/flood")
         threads = [threading.Thread(target=one) for _ in range(8)]
         for t in threads:
             t.start()
@@ -277,6 +282,11 @@ def test_a_flood_gets_503_with_retry_after_and_never_hangs(tmp_path: Path, gemma
             busy = wait_status(client, lambda s: s["queue"]["running"] is not None)
             assert busy["queue"]["max_depth"] == 1
             assert busy["http"]["port"] == port and busy["http"]["active"] >= 1
+        # ... and so does MQTT: an answer (a short one, or queue_full while the flood holds the queue).
+        with Probe(broker, ["client/flood"]) as probe:
+            probe.publish("edgellm/flood/request", {"id": "mqtt-during-flood", "prompt": ONCE, "raw": True,
+                                                    "max_tokens": 2}, response_topic="client/flood")
+            mqtt_final = probe.wait_final("mqtt-during-flood", timeout=120)
         for t in threads:
             t.join(300)
         assert not any(t.is_alive() for t in threads), "an HTTP request hung"
@@ -284,6 +294,7 @@ def test_a_flood_gets_503_with_retry_after_and_never_hangs(tmp_path: Path, gemma
     assert len(statuses) == 8 and statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
     assert set(statuses) <= {200, 503}
     assert all(int(h["Retry-After"]) >= 1 for s, h in results if s == 503)
+    assert mqtt_final["event"] == "done" or mqtt_final.get("code") == "queue_full", mqtt_final
 
 
 def test_a_client_that_disconnects_cancels_its_request(tmp_path: Path, gemma_path: Path) -> None:
