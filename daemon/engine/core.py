@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from daemon import memory_plan
 from daemon.engine.llama import ContextParams, Llama, LlamaError, Sampler, SamplerParams
 from daemon.engine.prefix_cache import DiskStore, PrefixCache, common_prefix, model_sha256
 from daemon.engine.text import TextStream
-from daemon.memory_plan import KV_ELEMENT_BYTES
+from daemon.gguf import GgufError, ModelShape
 from daemon.protocol import Code, EdgeError, Message, Request
 from daemon.templates import BUILTIN, Rendered, TemplateChoiceError, choose_template, jinja_renderer
 
@@ -201,7 +202,7 @@ class Engine:
             llama.close()
             raise ModelLoadError(str(exc)) from exc
         self._llama = llama
-        self.kv_bytes = kv_cache_bytes(metadata, arch, llama.n_ctx, cfg.kv_type)
+        self.kv_bytes = kv_cache_bytes(metadata, llama.n_ctx, cfg.kv_type)
         n_ctx_train = _int_or_none(metadata.get(f"{arch}.context_length"))
         self.info = ModelInfo(
             name=metadata.get("general.name") or path.stem,
@@ -463,16 +464,12 @@ class Engine:
         return self._llama
 
 
-def kv_cache_bytes(metadata: dict[str, str], arch: str, n_ctx: int, kv_type: str) -> int:
-    """The KV cache's size: n_ctx cells × layers × (K + V) per cell, by the cache type."""
-    n_layer = _int_or_none(metadata.get(f"{arch}.block_count")) or 0
-    n_head = _int_or_none(metadata.get(f"{arch}.attention.head_count")) or 1
-    n_head_kv = _int_or_none(metadata.get(f"{arch}.attention.head_count_kv")) or n_head
-    n_embd = _int_or_none(metadata.get(f"{arch}.embedding_length")) or 0
-    k_len = _int_or_none(metadata.get(f"{arch}.attention.key_length")) or n_embd // max(n_head, 1)
-    v_len = _int_or_none(metadata.get(f"{arch}.attention.value_length")) or k_len
-    per_cell = n_layer * n_head_kv * (k_len + v_len) * KV_ELEMENT_BYTES[kv_type]
-    return int(per_cell * n_ctx)
+def kv_cache_bytes(metadata: dict[str, str], n_ctx: int, kv_type: str) -> int:
+    """The KV cache's size, by the one memory plan (0 when the metadata lacks the model's shape)."""
+    try:
+        return memory_plan.kv_cache_bytes(ModelShape.from_metadata(dict(metadata)), n_ctx, kv_type)
+    except GgufError:
+        return 0
 
 
 def _int_or_none(value: str | None) -> int | None:
