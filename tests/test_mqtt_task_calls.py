@@ -201,3 +201,16 @@ def test_task_entities_come_with_the_device_and_a_reload_adds_and_removes_them()
     assert p.set_tasks((("b", ""),), {"state": "ready"}) == []  # nothing changed
     removed = p.reconfigure_ha(False, "homeassistant", {"state": "ready"})
     assert "homeassistant/text/edgellm_pi/task_b/config" in {m.topic for m in removed if m.payload == b""}
+
+
+def test_a_full_gate_waits_for_a_run_to_end_not_for_the_clock() -> None:
+    book = TriggerBook()
+    book.reconcile(tasks_of(trigger_tasks(min_interval_s=1.0, max_queue=1)))
+    gate = book.gates["trig"]
+    book.status_due(TOPICS, now=0.0)
+    gate.offer("sensors/a/event", 1, now=0.0)  # runs
+    gate.offer("sensors/b/event", 2, now=0.0)  # waits: one run in flight is the bound
+    assert book.next_due(status=False) is None  # nothing the clock can start: no busy wake-ups
+    book.mark("trig")
+    assert book.next_due(status=True) == pytest.approx(1.0)  # the status topic, though
+    assert [r.topic for r in gate.finished("sensors/a/event", ok=True, now=0.5)] == ["sensors/b/event"]

@@ -228,10 +228,12 @@ class TriggerBook:
     def mark(self, name: str) -> None:
         self._dirty.add(name)
 
-    def next_due(self) -> float | None:
-        """When a waiting message may start or a status topic is due."""
-        times = [t for t in (g.next_due() for g in self.gates.values()) if t is not None]
-        if self._dirty:
+    def next_due(self, *, status: bool = True) -> float | None:
+        """When a waiting message may start or (`status`: we can publish) a status topic is due. A
+        full gate is left out: its next start comes with a run's end, not with the clock."""
+        gates = [g for g in self.gates.values() if g.in_flight < g.max_queue]
+        times = [t for t in (g.next_due() for g in gates) if t is not None]
+        if status and self._dirty:
             times.append(self._last_at + STATUS_MIN_INTERVAL_S)
         return min(times, default=None)
 

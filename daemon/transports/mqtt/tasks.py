@@ -72,13 +72,14 @@ class TaskDoor:
         return result_shape(self.transport.topics, topic, payload)
 
     def next_due(self) -> float | None:
-        return self.book.next_due() if self.registry is not None else None
+        return self.book.next_due(status=self.transport._connected) if self.registry is not None else None
 
     def tick(self, now: float) -> None:
         """Waiting trigger messages whose interval is over; status topics that changed."""
         for name, gate in list(self.book.gates.items()):
             if gate.pending and (due := gate.next_due()) is not None and due <= now:
                 self._start(name, gate, gate.due(now))
+                self._snap()
         self._publish_status(now)
 
     def on_connected(self) -> None:
