@@ -37,6 +37,8 @@ EngineFactory = Callable[[], Engine]
 
 # How long the idle worker sleeps before looking at deadlines, keep-alive and the governor again.
 IDLE_TICK_S = 0.5
+# Idle this long, saved prefixes already on disk leave RAM (the page cache keeps them warm).
+PREFIX_SPILL_IDLE_S = 5.0
 
 
 class WorkerState(enum.StrEnum):
@@ -540,6 +542,8 @@ class InferenceWorker:
             keep = self.keep_alive_s
             if keep >= 0 and idle_for >= keep:
                 self._unload(engine, WorkerState.IDLE, "")
+            elif idle_for >= PREFIX_SPILL_IDLE_S:
+                engine.spill_prefix_cache()
         elif not engine.loaded and not memory_unload:
             if self._state is WorkerState.UNAVAILABLE and self._state_reason.startswith("model unloaded"):
                 self._reload(engine, "memory recovered")

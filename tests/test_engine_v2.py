@@ -130,6 +130,21 @@ def test_two_system_prompts_alternating_both_stay_cached(parallel_daemon: Daemon
         assert hit >= 0.8 * total and hit < total, cached
 
 
+def test_idle_daemon_lets_saved_prefixes_leave_ram_and_still_reuses_them(parallel_daemon: DaemonProcess) -> None:
+    """Idle for a few seconds, the RAM copies of persisted prefixes are released (RSS falls);
+    the next request with that system prompt reads its state back from the file."""
+    ask = {"messages": [{"role": "system", "content": system_prompt("laundry")},
+                        {"role": "user", "content": "Is the wash done?"}], "max_tokens": 2}
+    with parallel_daemon.client() as c:
+        c.call(ask)
+        busy = wait_status(c, lambda s: s["engine"]["prefix_cache"]["in_ram"] >= 1, timeout=5)
+        spilled = wait_status(c, lambda s: s["engine"]["prefix_cache"]["in_ram"] == 0, timeout=30)
+        assert spilled["engine"]["prefix_cache"]["spilled_bytes"] > 1_000_000
+        assert spilled["engine"]["prefix_cache"]["bytes"] < busy["engine"]["prefix_cache"]["bytes"]
+        again = c.call({**ask, "messages": [ask["messages"][0], {"role": "user", "content": "And the dryer?"}]})
+    assert again["timings"]["cached_tokens"] >= 0.8 * again["usage"]["prompt_tokens"]
+
+
 def test_preempted_stream_resumes_exactly_where_it_stopped(tmp_path: Path, gemma_path: Path) -> None:
     cfg = write_config(tmp_path, gemma_path, {"engine": {"parallel": 1}, "queue": {"preempt": True}})
     low = {"prompt": ONCE, "raw": True, "max_tokens": 80, "temperature": 0, "priority": "low"}

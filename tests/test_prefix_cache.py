@@ -115,3 +115,38 @@ def test_model_hash_is_remembered(tmp_path: Path) -> None:
     assert ids.exists() and model_sha256(model, ids) == first
     model.write_bytes(b"other weights")
     assert model_sha256(model, ids) != first
+
+
+def test_spill_lets_go_of_persisted_states_and_reads_them_back(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    cache = PrefixCache(10_000_000, s)
+    cache.add([*SYSTEM, 1], b"one" * 1000)
+    assert cache.spill() == 0  # not written yet: its only copy stays in RAM
+    s.stop()  # the writer has finished
+    cache.add([*SYSTEM, 2], b"two" * 1000)  # never written (the writer is stopped)
+    assert cache.spill() == 3000
+    assert cache.bytes == 3000 + 2 * 4 * (len(SYSTEM) + 1)
+    entry, n = cache.best([*SYSTEM, 1, 7])
+    assert entry is not None and entry.state is None and n == len(SYSTEM) + 1
+    assert cache.state_of(entry) == b"one" * 1000  # read back from its file, and in RAM again
+    assert entry.state is not None and cache.status()["in_ram"] == 2
+
+
+def test_a_spilled_entry_whose_file_went_bad_is_forgotten(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    cache = PrefixCache(10_000_000, s)
+    cache.add([*SYSTEM, 1], b"one" * 1000)
+    cache.add([*SYSTEM, 2], b"two" * 1000)
+    s.stop()
+    cache.spill()
+    first, _ = cache.best([*SYSTEM, 1])
+    second, _ = cache.best([*SYSTEM, 2])
+    assert first is not None and second is not None
+    path = s.dir / f"{first.key}.kv"
+    path.write_bytes(path.read_bytes()[:-10])
+    (s.dir / f"{second.key}.kv").unlink()  # the disk bound dropped it
+    with capture_logs() as logs:
+        assert cache.state_of(first) is None
+        assert cache.state_of(second) is None
+    assert len(cache) == 0
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["prefix_cache.file_ignored"]

@@ -13,6 +13,7 @@ prefix cache (state restored, then trimmed), and evaluates only the rest.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ FILE_TYPES = {
     29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
 }
 PREFIX_CACHE_DIR = "prefix-cache"
+_MADV_DONTNEED = 4  # Linux
 
 
 class ModelLoadError(Exception):
@@ -217,6 +219,8 @@ class Engine:
             load_ms=round(load_ms, 1),
         )
         self._open_prefix_cache()
+        if cfg.use_mmap and not cfg.use_mlock:
+            drop_mapped_pages(path)
         log.info(
             "model.loaded", **self.info.to_dict(), load_ms=self.info.load_ms, n_ctx_train=n_ctx_train,
             parallel=cfg.parallel, kv_type=cfg.kv_type, kv_bytes=self.kv_bytes,
@@ -230,6 +234,14 @@ class Engine:
             self.cache.clear()
             self.flush()
             log.info("model.unloaded", path=str(self.path))
+
+    def spill_prefix_cache(self) -> int:
+        """Idle: release the RAM copies of saved prefixes that are safely on disk (they come
+        back from the file, usually from the page cache, when next used); the bytes freed."""
+        freed = self.cache.spill()
+        if freed:
+            release_free_memory()
+        return freed
 
     def flush(self) -> None:
         """Finish writing saved prefixes to disk (at shutdown)."""
@@ -347,11 +359,12 @@ class Engine:
             assert source.seq is not None
             llama.seq_cp(source.seq, stream.seq, 0, from_stream)
             return from_stream
-        self.cache.record(entry if from_cache > 0 else None)
-        if entry is None or from_cache <= 0:
+        state = self.cache.state_of(entry) if entry is not None and from_cache > 0 else None
+        self.cache.record(entry if state is not None else None)
+        if entry is None or state is None:
             return 0
         try:
-            llama.state_set(stream.seq, entry.state)
+            llama.state_set(stream.seq, state)
         except LlamaError as exc:
             log.warning("prefix_cache.restore_failed", error=str(exc), tokens=len(entry.tokens))
             self.cache.drop(entry)
@@ -462,6 +475,35 @@ class Engine:
         if self._llama is None:
             raise EdgeError(Code.MODEL_UNAVAILABLE, "no model is loaded")
         return self._llama
+
+
+def drop_mapped_pages(path: Path) -> None:
+    """Unmap the model file's pages this process touched while loading (the header, the
+    vocabulary, the weights llama.cpp copied into its repacked buffer). They stay in the page
+    cache; the weights decoding uses come back at the first step, the rest never counts in RSS."""
+    try:
+        target = os.path.realpath(path)
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            ranges = [line.split()[0] for line in maps if line.rstrip().endswith(" " + target)]
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for span in ranges:
+        start, end = (int(x, 16) for x in span.split("-"))
+        madvise(start, end - start, _MADV_DONTNEED)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the kernel (glibc keeps it otherwise, and RSS with it)."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def kv_cache_bytes(metadata: dict[str, str], n_ctx: int, kv_type: str) -> int:

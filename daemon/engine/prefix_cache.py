@@ -46,7 +46,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass
 class Entry:
     tokens: tuple[int, ...]
-    state: bytes
+    state: bytes | None  # None: spilled, only in its file
+    persisted: bool = False  # its file is written (set by the writer thread)
 
     @property
     def key(self) -> str:
@@ -54,7 +55,8 @@ class Entry:
 
     @property
     def size(self) -> int:
-        return len(self.state) + 4 * len(self.tokens)
+        """Bytes it holds in RAM."""
+        return (len(self.state) if self.state is not None else 0) + 4 * len(self.tokens)
 
 
 def tokens_key(tokens: Sequence[int]) -> str:
@@ -72,6 +74,7 @@ class PrefixCache:
         self.hits = 0
         self.misses = 0
         self.saved = 0
+        self.spilled = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -84,6 +87,44 @@ class PrefixCache:
             self._put(entry)
             loaded += 1
         return loaded
+
+    def state_of(self, entry: Entry) -> bytes | None:
+        """The entry's saved state: from RAM, or read back from its file (None, and the entry
+        forgotten, when the file is gone or bad)."""
+        if entry.state is not None:
+            return entry.state
+        if self.store is None:
+            return None
+        try:
+            read = self.store.read(entry.key)
+            if read.tokens != entry.tokens:
+                raise ValueError("the file holds other tokens")
+        except FileNotFoundError:  # the disk bound dropped it
+            log.debug("prefix_cache.file_gone", key=entry.key)
+            self._remove(entry.key)
+            return None
+        except (OSError, ValueError, struct.error) as exc:
+            log.warning("prefix_cache.file_ignored", key=entry.key, reason=str(exc))
+            self._remove(entry.key)
+            return None
+        self._remove(entry.key)
+        entry.state = read.state
+        self._put(entry)
+        return entry.state
+
+    def spill(self) -> int:
+        """Let go of the RAM copy of every entry that is safely in its file (when the daemon is
+        idle: the file is in the page cache, which the kernel can reclaim); the bytes freed."""
+        freed = 0
+        for entry in self._entries.values():
+            if entry.persisted and entry.state is not None:
+                freed += len(entry.state)
+                self.bytes -= len(entry.state)
+                entry.state = None
+        if freed:
+            self.spilled += freed
+            log.debug("prefix_cache.spilled", bytes=freed, entries=len(self._entries))
+        return freed
 
     def best(self, tokens: Sequence[int]) -> tuple[Entry | None, int]:
         """The entry sharing the longest prefix with `tokens`, and that length."""
@@ -142,6 +183,8 @@ class PrefixCache:
             "hits": self.hits,
             "misses": self.misses,
             "saved": self.saved,
+            "spilled_bytes": self.spilled,
+            "in_ram": sum(1 for e in self._entries.values() if e.state is not None),
             "persist": self.store is not None,
         }
 
@@ -219,12 +262,15 @@ class DiskStore:
                 self.last_error = str(exc)
 
     def _write(self, entry: Entry) -> None:
+        state = entry.state
+        if state is None:
+            return  # already spilled: it was written before
         self.dir.mkdir(parents=True, exist_ok=True)
         header = dict(self.fingerprint)
         header.update(
             n_tokens=len(entry.tokens),
-            state_bytes=len(entry.state),
-            state_sha256=hashlib.sha256(entry.state).hexdigest(),
+            state_bytes=len(state),
+            state_sha256=hashlib.sha256(state).hexdigest(),
         )
         head = json.dumps(header, sort_keys=True).encode()
         final = self.dir / f"{entry.key}{SUFFIX}"
@@ -234,10 +280,11 @@ class DiskStore:
             f.write(struct.pack("<I", len(head)))
             f.write(head)
             f.write(struct.pack(f"<{len(entry.tokens)}i", *entry.tokens))
-            f.write(entry.state)
+            f.write(state)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        entry.persisted = True
 
     def _enforce_bound(self) -> None:
         """Oldest files first, across every model's folder, until the total fits."""
@@ -276,6 +323,10 @@ class DiskStore:
             log.info("prefix_cache.loaded", entries=len(out), bytes=total, dir=str(self.dir))
         return out
 
+    def read(self, key: str) -> Entry:
+        """One entry's file, checked as at start (on the inference thread)."""
+        return self._read(self.dir / f"{key}{SUFFIX}")
+
     def _read(self, path: Path) -> Entry:
         data = path.read_bytes()
         if not data.startswith(MAGIC):
@@ -298,7 +349,7 @@ class DiskStore:
             raise ValueError(f"truncated: {len(state)} of {state_bytes} state bytes")
         if hashlib.sha256(state).hexdigest() != header.get("state_sha256"):
             raise ValueError("state checksum mismatch")
-        entry = Entry(tuple(tokens), state)
+        entry = Entry(tuple(tokens), state, persisted=True)
         if entry.key != path.name[: -len(SUFFIX)]:
             raise ValueError("file name does not match its tokens")
         return entry
