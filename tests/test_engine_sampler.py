@@ -11,7 +11,8 @@ import pytest
 
 from daemon.config import parse_config
 from daemon.engine import Engine
-from daemon.engine.llama import Llama, Sampler, SamplerParams
+from daemon.engine.llama import Llama
+from daemon.engine.sampler import Sampler, SamplerParams
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ prefix cache (state restored, then trimmed), and evaluates only the rest.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon import memory_plan
-from daemon.engine.llama import ContextParams, Llama, LlamaError, Sampler, SamplerParams
+from daemon.engine.llama import ContextParams, Llama, LlamaError
 from daemon.engine.prefix_cache import DiskStore, PrefixCache, common_prefix, model_sha256
+from daemon.engine.process_memory import drop_mapped_pages, release_free_memory
+from daemon.engine.sampler import Sampler, SamplerParams
 from daemon.engine.text import TextStream
 from daemon.gguf import GgufError, ModelShape
 from daemon.protocol import Code, EdgeError, Message, Request
@@ -45,7 +46,6 @@ FILE_TYPES = {
     29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
 }
 PREFIX_CACHE_DIR = "prefix-cache"
-_MADV_DONTNEED = 4  # Linux
 
 
 class ModelLoadError(Exception):
@@ -475,35 +475,6 @@ class Engine:
         if self._llama is None:
             raise EdgeError(Code.MODEL_UNAVAILABLE, "no model is loaded")
         return self._llama
-
-
-def drop_mapped_pages(path: Path) -> None:
-    """Unmap the model file's pages this process touched while loading (the header, the
-    vocabulary, the weights llama.cpp copied into its repacked buffer). They stay in the page
-    cache; the weights decoding uses come back at the first step, the rest never counts in RSS."""
-    try:
-        target = os.path.realpath(path)
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        with open("/proc/self/maps", encoding="utf-8") as maps:
-            ranges = [line.split()[0] for line in maps if line.rstrip().endswith(" " + target)]
-    except (OSError, AttributeError):
-        return
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for span in ranges:
-        start, end = (int(x, 16) for x in span.split("-"))
-        madvise(start, end - start, _MADV_DONTNEED)
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the kernel (glibc keeps it otherwise, and RSS with it)."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
 
 
 def kv_cache_bytes(metadata: dict[str, str], n_ctx: int, kv_type: str) -> int:
