@@ -23,7 +23,15 @@ from paho.mqtt.properties import Properties
 from tests.fuzz_inputs import ANY_ID, INVALID_JSON, PAYLOAD_TOO_LARGE, Case, malformed, oversize
 from tests.helpers import DaemonProcess
 from tests.mqtt_broker import MosquittoBroker, Probe
-from tests.reliability import UNBOUNDED_BROKER_QUEUE, LineSocket, report, rss_kb, start_mqtt_daemon, wait_count
+from tests.reliability import (
+    UNBOUNDED_BROKER_QUEUE,
+    LineSocket,
+    report,
+    rss_anon_kb,
+    rss_kb,
+    start_mqtt_daemon,
+    wait_count,
+)
 
 pytestmark = pytest.mark.soak
 
@@ -171,7 +179,7 @@ class RssGrowthError(AssertionError):
 def test_live_fuzz_of_mqtt(daemon: DaemonProcess, broker: MosquittoBroker) -> None:
     pid = daemon.proc.pid
     before = normal_answer(daemon)
-    rss_before = rss_kb(pid)
+    rss_before, anon_before = rss_kb(pid), rss_anon_kb(pid)
     started = time.monotonic()
     cases = malformed(SEED + 1, "mqtt", scale=2) + list(oversize(LINE_LIMIT))
     failures: list[str] = []
@@ -224,7 +232,7 @@ def test_live_fuzz_of_mqtt(daemon: DaemonProcess, broker: MosquittoBroker) -> No
         publish_all(probe, [(f"{PREFIX}/cancel", payload, _props("cancel")) for payload in cancels])
 
         assert not failures, f"{len(failures)} of {len(cases)} inputs answered wrongly:\n" + "\n".join(failures[:25])
-        rss_after = rss_kb(pid)  # before the next generation (see the socket test)
+        rss_after, anon_after = rss_kb(pid), rss_anon_kb(pid)  # before the next generation (see the socket test)
         rid = "after-fuzz"
         probe.publish(f"{PREFIX}/request", {"id": rid, **NORMAL}, response_topic="fuzz/inbox")
         after_mqtt = probe.wait_final(rid, timeout=600)
@@ -248,6 +256,7 @@ def test_live_fuzz_of_mqtt(daemon: DaemonProcess, broker: MosquittoBroker) -> No
         seconds=round(elapsed, 1),
         rss_before_mb=round(rss_before / 1024, 1),
         rss_growth_mb=round((rss_after - rss_before) / 1024, 1),
+        rss_anon_growth_mb=round((anon_after - anon_before) / 1024, 1),
         payload_too_large=sum(c.codes == frozenset({PAYLOAD_TOO_LARGE}) for c in cases),
         rss_growth_after_mqtt5_batch_mb=round((rss_after_mqtt5 - rss_before) / 1024, 1),
     )
