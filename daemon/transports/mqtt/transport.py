@@ -8,9 +8,13 @@ plain values for the status section. `start`, `stop`, `reconfigure` post calls t
 and wait for them.
 
 The inbox holds at most `INBOX_MAX` messages and `INBOX_MAX_BYTES` of payloads (a payload over
-`mqtt.max_payload_bytes` was already dropped by the client). A message that does not fit makes
-paho's network thread wait for room, up to `INBOX_WAIT_S`: paho reads no more meanwhile, so the
-rest of a flood waits at the broker. Only then is it refused: logged, counted (`inbox_refused`),
+`mqtt.max_payload_bytes` was already dropped by the client). A message whose bytes do not fit
+makes paho's network thread wait for room, up to `INBOX_WAIT_S`: paho reads no more meanwhile, so
+the broker keeps the rest. (Not for the count: paho reads our answers' PUBACKs from the same
+stream, behind everything the broker already sent, so waiting there stalls every answer; measured,
+a 256-message bound made a flood's refusals arrive 107 s late. And the broker's in-flight window
+does not hold a flood back: docs/mqtt.md, "Overload".) A message that does not fit, or still has
+no room after the wait, is refused: logged, counted (`inbox_refused`),
 and never acknowledged, so a QoS 1 message stays in our session at the broker; once the inbox has
 drained to half, the transport drops the connection (paho reconnects at once to the same session;
 at most once per `REDELIVERY_MIN_INTERVAL_S`) so the broker sends it again (docs/mqtt.md,
@@ -90,8 +94,8 @@ log = structlog.get_logger(__name__)
 INBOX_MAX = 10_000
 # ... and payload bytes beyond this (an empty inbox always takes one message, whatever its size).
 INBOX_MAX_BYTES = 4 * 1024 * 1024
-# A message that does not fit makes paho's network thread wait this long for room (backpressure:
-# paho stops reading, the broker keeps the rest of a flood) before it is refused.
+# A message whose bytes do not fit makes paho's network thread wait this long for room
+# (backpressure: paho stops reading, the broker keeps the rest) before it is refused.
 INBOX_WAIT_S = 2.0
 # At most one reconnect-for-redelivery (of messages the full inbox refused) per this many seconds.
 REDELIVERY_MIN_INTERVAL_S = 5.0
@@ -313,14 +317,15 @@ class MqttTransport:
     # --- plumbing ----------------------------------------------------------------------------
 
     def _post(self, item: ClientItem | _Work, *, must: bool = False) -> bool:
-        """Hand an item to the dispatcher. A client message waits up to `INBOX_WAIT_S` for room
-        (only paho's network thread posts them, so paho reads no more meanwhile); then it is refused."""
+        """Hand an item to the dispatcher. A client message whose bytes do not fit waits up to
+        `INBOX_WAIT_S` for room (only paho's network thread posts them, so paho reads no more
+        meanwhile); one that still does not fit, or finds `INBOX_MAX` messages, is refused."""
         if self._thread is None and not (isinstance(item, _Work) and item.kind == "quit"):
             return False  # stopped: nobody would read it (a removed transport's listener must not leak)
         bounded = isinstance(item, MessageIn) and not must
         size = len(item.message.payload) if isinstance(item, MessageIn) else 0
         with self._room:
-            if bounded and not self._has_room(size):
+            if bounded and self._inbox_messages < INBOX_MAX and not self._has_room(size):
                 self._room.wait_for(
                     lambda: self._thread is None or self._has_room(size), timeout=INBOX_WAIT_S
                 )
