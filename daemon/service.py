@@ -61,7 +61,7 @@ class Daemon:
         self.constraints = ConstraintCompiler(limits_of(self.cfg.constraints), gbnf_refusal)
         self.tasks = TaskRegistry.compile(self.cfg.tasks, self.constraints)
         self.worker.add_status_section("constraints", self.constraints.status)
-        self.worker.add_status_section("tasks", lambda: {"names": self.tasks.names()})
+        self.worker.add_status_section("tasks", self._tasks_status)
         self.socket_server: UnixSocketServer | None = None
         self.mqtt: Any = None
         self.doors: NetworkDoors | None = None  # HTTP and Wyoming
@@ -72,6 +72,11 @@ class Daemon:
         self._last_status_line = ""
 
     # --- building blocks -------------------------------------------------------------------
+
+    def _tasks_status(self) -> dict[str, Any]:
+        """The `tasks` status section: the names, and each trigger's counters (the MQTT door runs them)."""
+        mqtt = self.mqtt
+        return {"names": self.tasks.names(), "triggers": dict(mqtt.task_door.snapshot) if mqtt is not None else {}}
 
     def _make_engine(self, cfg: Config | None = None) -> Engine:
         cfg = cfg or self.cfg
@@ -164,7 +169,7 @@ class Daemon:
         self.mqtt = MqttTransport(
             cfg.mqtt, self.worker, state_dir=cfg.state_dir, version=__version__,
             model_name=_configured_model_name(cfg), limits=lambda: self.cfg.limits,
-            constraints=self.constraints,
+            constraints=self.constraints, tasks=self.tasks,
         )
         self.mqtt.start()
 
@@ -261,6 +266,8 @@ class Daemon:
                 self.mqtt = None
         elif self.mqtt is None and new.mqtt.enabled:
             self._start_mqtt(new)
+        if self.mqtt is not None:  # task topics, triggers and their Home Assistant entities follow the tasks
+            await asyncio.get_running_loop().run_in_executor(None, self.mqtt.tasks_changed)
         if self.doors is not None:
             await self.doors.reload(new)
         log.info("config.reloaded", source=new.source)

@@ -31,6 +31,7 @@ QUICK_FIGURES = [
       for what in ("decode", "decode_client", "prompt", "ttft")),
     "socket.aggregate.c1", "socket.aggregate.c2", "mqtt.aggregate.c1", "mqtt.aggregate.c2",
     "single_slot.aggregate.c2",
+    *(f"{key}.{mode}.decode" for key in ("free", "schema") for mode in ("greedy", "sampled")),
     "prefix.cold", "prefix.warm", "prefix.alt2", "prefix.alt4", "prefix.restart", "restart.first_cold",
     "idle.cpu.p1", "idle.cpu.p2", "idle.rss.p1", "idle.rss.p2", "memory.bound.p1", "memory.bound.p2",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,3 +107,48 @@ def test_grammar_at_temperature_0_picks_what_the_grammar_over_the_whole_row_pick
     text = b"".join(llama.piece(t) for t in fast if not llama.is_eog(t))
     assert fast[: len(slow)] == slow
     assert text in (b"yes", b"no") if grammar == YES_NO else text.startswith(b"{")
+
+
+SCHEMA = {"type": "object", "properties": {
+    "entity": {"type": "string", "enum": ["light.kitchen", "light.hall", "switch.fan"]},
+    "value": {"type": "integer", "minimum": 0, "maximum": 100},
+    "note": {"type": "string", "maxLength": 40}}, "required": ["entity", "value", "note"]}
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05])
+def test_a_refused_draw_finds_the_allowed_candidates_the_whole_row_holds(
+    llama: Llama, min_p: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a refusal the class search hands the chain exactly the candidates that checking all
+    262,144 tokens gives: the best top_k allowed ones, or, with min-p, every allowed one min-p keeps."""
+    import numpy as np
+
+    from daemon.schema_grammar import schema_to_gbnf
+
+    sampler = llama.sampler(SamplerParams(0.9, 40, 0.95, min_p, 1.0, 5, grammar=schema_to_gbnf(SCHEMA)), [])
+    pairs: list[tuple[list[int], list[int]]] = []
+    original_pick, original_chain = sampler._pick_allowed, sampler._apply_chain
+    handed: list[list[int]] = []
+
+    def capture(ids: Any, logits: Any) -> int:
+        handed.append([int(i) for i in ids])
+        return original_chain(ids, logits)
+
+    def pick_allowed(index: int) -> int:
+        row = sampler._row(index)
+        everything = sampler._grammar_allows(np.arange(len(row)))
+        ordered = everything[np.lexsort((everything, -row[everything]))]
+        if min_p:
+            ordered = ordered[row[ordered] >= row[ordered[0]] + np.log(min_p)]
+        handed.clear()
+        token = original_pick(index)
+        pairs.append(([int(i) for i in ordered[:40]], handed[-1]))
+        return token
+
+    monkeypatch.setattr(sampler, "_apply_chain", capture)
+    monkeypatch.setattr(sampler, "_pick_allowed", pick_allowed)
+    tokens = generate(llama, sampler, b"Turn on the kitchen light to 40 percent.\nJSON:", n=40)
+    assert len(pairs) >= 3, "the prompt should make the grammar refuse some draws"
+    for want, got in pairs:
+        assert got == want
+    assert b"".join(llama.piece(t) for t in tokens if not llama.is_eog(t)).startswith(b"{")

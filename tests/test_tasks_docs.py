@@ -1,8 +1,9 @@
 """docs/tasks.md works as written: its config block is the daemon's [tasks], and each `sh` block
-between the example markers runs against that daemon (only the socket path is pointed at the test
-daemon's). Shown JSON lines promise their keys and `event`/`code`/`id`/`finish_reason`; shown text
-lines promise a line each (the generated words vary by model); answers are checked against the
-tasks' grammar and schema."""
+between the example markers runs against that daemon (node id `pi`, on a private Mosquitto; only
+the socket path is pointed at the test daemon's and the broker's address added to each mosquitto_*
+command). Shown JSON lines promise their keys and `event`/`code`/`id`/`finish_reason`; shown text
+lines promise a line each (the generated words vary by model); answers (events and MQTT result
+objects) are checked against the tasks' grammar and schema."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tests.helpers import REPO, DaemonProcess, write_config
+from tests.helpers import REPO, DaemonProcess
+from tests.mqtt_broker import MosquittoBroker
+from tests.test_mqtt_daemon import start_daemon
 
 DOC = REPO / "docs" / "tasks.md"
 CHECKED_FIELDS = ("event", "code", "id", "finish_reason")
@@ -50,16 +53,22 @@ def test_the_document_covers_both_examples_and_every_door_it_names() -> None:
     commands = "\n".join(code for code, _, _ in EXAMPLES)
     assert set(TASKS) == {"camera_summary", "command"}
     for needle in ("edgellm tasks", "edgellm ask --task camera_summary", "edgellm ask --task command", "socat",
-                   '"task": "command"', '"task": "camera_summary"'):
+                   '"task": "command"', '"task": "camera_summary"', "mosquitto_pub -t frigate/events",
+                   "mosquitto_pub -V mqttv311 -q 0 -t edgellm/pi/task/command", "edgellm/pi/task/command/result",
+                   "mosquitto_rr -t edgellm/pi/task/command", "edgellm/pi/task/camera_summary/status"):
         assert needle in commands, needle
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[DaemonProcess]:
-    tmp = tmp_path_factory.mktemp("tasks-doc")
-    with DaemonProcess(write_config(tmp, gemma_path, {"tasks": _toml_ready(TASKS)})) as process:
-        process.wait_ready()
-        yield process
+    with MosquittoBroker(tmp_path_factory.mktemp("broker")) as broker:
+        process = start_daemon(tmp_path_factory.mktemp("tasks-doc"), gemma_path, broker, "pi",
+                               {"tasks": _toml_ready(TASKS)})
+        process.broker = broker  # type: ignore[attr-defined]
+        try:
+            yield process
+        finally:
+            process.stop()
 
 
 def _toml_ready(tasks: dict[str, Any]) -> dict[str, Any]:
@@ -68,8 +77,8 @@ def _toml_ready(tasks: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_answer(actual: dict[str, Any]) -> None:
-    """A done event of one of the doc's tasks has the shape the task promises."""
-    if actual.get("event") != "done":
+    """A done event or MQTT result object of one of the doc's tasks has the shape the task promises."""
+    if actual.get("event") != "done" and "text" not in actual:
         return
     schema = json.loads(TASKS["command"]["json_schema"])
     if actual.get("json") is not None:
@@ -108,7 +117,9 @@ def shown_keys(line: str) -> set[str]:
 def test_example_works_as_written(daemon: DaemonProcess, code: str, lang: str, shown: str) -> None:
     env = dict(os.environ, EDGELLM_SOCKET=str(daemon.socket_path),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    broker: MosquittoBroker = daemon.broker  # type: ignore[attr-defined]
     script = code.replace(DOC_SOCKET, str(daemon.socket_path))
+    script = re.sub(r"\b(mosquitto_(?:rr|pub|sub))\b", rf"\1 -h {broker.host} -p {broker.port}", script)
     result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], capture_output=True, text=True,
                             timeout=600, env=env, check=False)
     assert result.returncode == 0, f"{code}\nstdout: {result.stdout}\nstderr: {result.stderr}"

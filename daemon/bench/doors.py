@@ -26,11 +26,14 @@ from daemon.client import Client, ClientError
 
 @dataclass(frozen=True)
 class Ask:
-    """One request, the same for every contender: a raw completion, greedy, seeded."""
+    """One request, the same for every contender: a raw completion, greedy, seeded (a JSON schema
+    and a temperature only for edgellm's constrained-output figures)."""
 
     prompt: str
     max_tokens: int
     seed: int
+    json_schema: dict[str, Any] | None = None
+    temperature: float = 0.0
 
 
 @dataclass
@@ -68,8 +71,11 @@ class Door(Protocol):
 
 
 def _edgellm_request(ask: Ask) -> dict[str, Any]:
-    return {"id": uuid.uuid4().hex, "prompt": ask.prompt, "raw": True, "max_tokens": ask.max_tokens,
-            "temperature": 0, "seed": ask.seed, "stream": True}
+    request = {"id": uuid.uuid4().hex, "prompt": ask.prompt, "raw": True, "max_tokens": ask.max_tokens,
+               "temperature": ask.temperature, "seed": ask.seed, "stream": True}
+    if ask.json_schema is not None:
+        request["json_schema"] = ask.json_schema
+    return request
 
 
 def _edgellm_event(trace: Trace, event: dict[str, Any], at: float) -> bool:

@@ -86,3 +86,26 @@ def system_prompt(tag: str, target_tokens: int, count: TokenCounter) -> str:
 def with_question(system: str, i: int) -> str:
     """The full raw prompt: the system prompt, then question number `i`."""
     return f"{system}\n\nQuestion: {_QUESTIONS[i % len(_QUESTIONS)]}\nAnswer:"
+
+
+# The constrained-output figures: a command an automation turns into JSON, with a free-text field
+# long enough that the answer runs for the whole token budget.
+COMMAND_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "entity": {"type": "string", "enum": ["light.kitchen", "light.hall", "switch.fan", "cover.garage"]},
+        "action": {"type": "string", "enum": ["turn_on", "turn_off", "toggle", "set"]},
+        "value": {"type": "integer", "minimum": 0, "maximum": 100},
+        "reason": {"type": "string", "maxLength": 240},
+    },
+    "required": ["entity", "action", "value", "reason"],
+}
+_COMMANDS = ("dim the kitchen light to 40 percent because we are watching a film",
+             "close the garage, it is getting dark and cold outside",
+             "switch the hall light on for the guests arriving at eight")
+
+
+def json_request(i: int) -> str:
+    command = _COMMANDS[i % len(_COMMANDS)]
+    return (f"Turn the command into JSON with entity, action, value and a long reason.\nCommand: {command}\n"
+            "JSON: ")

@@ -77,8 +77,9 @@ class Verdict:
         }
 
 
-SINGLE, CONCURRENCY, PREFIX, IDLE, CROSS = (
-    "Single stream", "Concurrency", "Prefix cache: time to first token", "Idle and memory", "Cross-checks",
+SINGLE, CONSTRAINED, CONCURRENCY, PREFIX, IDLE, CROSS = (
+    "Single stream", "Constrained output", "Concurrency", "Prefix cache: time to first token", "Idle and memory",
+    "Cross-checks",
 )
 
 
@@ -100,6 +101,9 @@ def checks(o: Options) -> list[Check]:
         Check(SINGLE, f"prompt, bare llama-cpp-python vs {pp}", "bare.prompt", "llama_bench.pp", RATIO),
         Check(SINGLE, f"decode, llama-server vs {tg}", "llama_server.decode", "llama_bench.tg", RATIO),
     ]
+    for mode in ("greedy", "sampled"):
+        out.append(Check(CONSTRAINED, f"decode with a JSON schema vs without, same prompt ({mode})",
+                         f"schema.{mode}.decode", f"free.{mode}.decode", RATIO, Target(">=", 0.9, "issue 9")))
     for c in o.concurrency:
         gate = c in (4, 8)
         out += [
@@ -228,7 +232,7 @@ def table(results: Results, verdicts: Sequence[Verdict]) -> str:
     ]
     header = ["comparison", "value", "noise", "peer", "ratio", "target", "verdict"]
     used: set[str] = set()
-    for section in (SINGLE, CONCURRENCY, PREFIX, IDLE, CROSS):
+    for section in (SINGLE, CONSTRAINED, CONCURRENCY, PREFIX, IDLE, CROSS):
         rows = []
         for v in verdicts:
             c = v.check

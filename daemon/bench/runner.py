@@ -9,6 +9,7 @@ last group that needs them (pool.py); a daemon's idle CPU and RSS are read just 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -120,6 +121,7 @@ class Runner:
         groups: list[Group] = [
             ("single stream", [(DAEMON, main), (SERVER, main)], self._single_stream_steps),
             ("prefix cache", [(DAEMON, main), (SERVER, main)], self._prefix_steps),
+            ("constrained output", [(DAEMON, main)], self._constrained_steps),
         ]
         for c in o.concurrency:
             needs = [(DAEMON, c), (DAEMON, 1), (SERVER, c)]
@@ -190,6 +192,24 @@ class Runner:
             self.results.add("llama_bench.pp", value, f"llama-bench pp{o.pp}", "tok/s", "llama-bench")
         for value in result.tg:
             self.results.add("llama_bench.tg", value, f"llama-bench tg{o.tg}", "tok/s", "llama-bench")
+
+    # --- constrained output -------------------------------------------------------------------
+
+    def _constrained_steps(self) -> list[Step]:
+        return [(f"edgellm socket, {key}, {mode}", functools.partial(self._constrained, key, mode), False)
+                for mode in ("greedy", "sampled") for key in ("free", "schema")]
+
+    def _constrained(self, key: str, mode: str, r: int) -> None:
+        """The same prompt with and without a JSON schema: what the grammar costs per token."""
+        o = self.o
+        door = self._door("socket", o.parallel)
+        for i in range(o.reps):
+            ask = Ask(prompts.json_request(i), o.tg, o.seed + i + r * o.reps,
+                      prompts.COMMAND_SCHEMA if key == "schema" else None, 0.0 if mode == "greedy" else 0.8)
+            trace = door.run(ask)
+            self.results.add(f"{key}.{mode}.decode", trace.reported_decode_tps,
+                             f"decode tok/s, {'JSON schema' if key == 'schema' else 'no constraint'}, {mode}",
+                             "tok/s", "edgellm socket", note=f"{trace.completion_tokens} tokens")
 
     # --- prefix cache -------------------------------------------------------------------------
 

@@ -17,11 +17,17 @@ from typing import Any
 
 import structlog
 
+from daemon.engine import grammar_search
+from daemon.engine.grammar_search import VocabClasses
+
 log = structlog.get_logger(__name__)
 
 # ggml types for the KV cache (ggml.h).
 KV_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}
 _PIECE_BUF = 256
+# Candidates checked against a grammar after it refused a draw: best first, in growing chunks.
+_GRAMMAR_CHUNKS = (32, 256, 2048, 16384, 1 << 30)
+_PENALTY_LAST_N = 64  # tokens the repeat penalty looks back over
 # ggml's log levels (ggml.h): DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
 _GGML_WARN, _GGML_ERROR = 3, 4
 # llama.cpp warns with this when an aborted decode rolls back: expected, not a problem.
@@ -132,6 +138,7 @@ class Llama:
         self._piece = ctypes.create_string_buffer(_PIECE_BUF)
         self._abort_cb: Any = None
         self._abort_installed = False
+        self._classes: VocabClasses | None = None
         self.n_threads = params.n_threads
 
     def close(self) -> None:
@@ -191,11 +198,19 @@ class Llama:
             raise LlamaError("tokenization failed")
         return list(tokens[:n])
 
-    def piece(self, token: int) -> bytes:
-        n = self._lib.llama_token_to_piece(self.vocab, token, self._piece, _PIECE_BUF, 0, False)
+    def vocab_classes(self) -> VocabClasses:
+        """Token classes for grammar searches: built on first use (one pass over the vocabulary)."""
+        if self._classes is None:
+            n = int(self._lib.llama_vocab_n_tokens(self.vocab))
+            eog = [t for t in range(n) if self.is_eog(t)]
+            self._classes = grammar_search.build([self.piece(t, special=True) for t in range(n)], eog)
+        return self._classes
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        n = self._lib.llama_token_to_piece(self.vocab, token, self._piece, _PIECE_BUF, 0, special)
         if n < 0:  # a longer piece than the buffer: ask again with room
             buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            n = self._lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
             return buf.raw[:n]
         return self._piece.raw[:n]
 
@@ -298,8 +313,9 @@ class Sampler:
 
     A grammar would cost far more if applied to the whole row for every token (hundreds of ms on
     this vocabulary): the token is sampled as usual and checked against the grammar alone; only
-    when the grammar refuses it are the candidates checked, best first, in widening chunks, until
-    enough allowed ones are found (one at temperature 0, k otherwise), and the chain picks among
+    when the grammar refuses it are the candidates checked, best first, in chunks of 32, 256, 2048…
+    (only those ranks are ever sorted), until enough allowed ones are found (one at temperature 0,
+    k otherwise; 64 more under a repeat penalty, which can only lower logits), and the chain picks among
     those — what llama.cpp's own common sampler does. At temperature 0 that gives the tokens the
     grammar applied to the whole row gives (tested). When sampling, the search stops once it holds
     every allowed token that min-p could keep (those within ln(1/min_p) of the best allowed one):
@@ -317,6 +333,12 @@ class Sampler:
         self._llama = llama
         self._n_vocab = int(lib.llama_vocab_n_tokens(llama.vocab))
         self._grammar: Any = None
+        self._grammar_text = params.grammar or ""
+        # The classes asked about on a refusal (grammar_search): ASCII and a sample of the rest.
+        self._sample: Any = None
+        self._asked: Any = None
+        self._unasked: Any = None
+        self._tail = b""  # an unfinished UTF-8 character the grammar has accepted the start of
         if params.grammar is not None:
             self._grammar = lib.llama_sampler_init_grammar(llama.vocab, params.grammar.encode(), b"root")
             if not self._grammar:
@@ -324,15 +346,25 @@ class Sampler:
         full_row = params.repeat_penalty != 1.0 or params.top_k <= 0
         self._greedy = params.temperature <= 0 and not full_row
         self._top_k = 0 if full_row or params.temperature <= 0 else min(params.top_k, self._n_vocab)
-        self._needed = 1 if params.temperature <= 0 else (params.top_k if params.top_k > 0 else self._n_vocab)
+        # Allowed candidates a refused draw must find: the repeat penalty (last 64 tokens) can only
+        # lower a logit, so top_k + 64 of them still hold the chain's top_k after it.
+        penalised = _PENALTY_LAST_N if params.repeat_penalty != 1.0 else 0
+        if params.top_k <= 0:
+            self._needed = self._n_vocab
+        else:
+            self._needed = (1 if params.temperature <= 0 else params.top_k) + penalised
         # min-p drops every token this many nats below the best allowed one: candidates further down
         # cannot be chosen, so the search for allowed ones may stop above them.
-        self._min_p_nats = -math.log(params.min_p) if 0 < params.min_p < 1 and params.temperature > 0 else None
+        self._min_p_nats = (
+            -math.log(params.min_p) if 0 < params.min_p < 1 and params.temperature > 0 and not full_row else None
+        )
         self._full_row = full_row
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         parts: list[Any] = []
         if params.repeat_penalty != 1.0:
-            parts.append(lib.llama_sampler_init_penalties(self._n_vocab, 64, params.repeat_penalty, 0.0, 0.0))
+            parts.append(
+                lib.llama_sampler_init_penalties(self._n_vocab, _PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
+            )
         if params.temperature <= 0:
             parts.append(lib.llama_sampler_init_greedy())
         else:
@@ -346,7 +378,7 @@ class Sampler:
             lib.llama_sampler_chain_add(chain, part)
         if params.repeat_penalty != 1.0:
             penalties = lib.llama_sampler_chain_get(chain, 0)
-            for token in history[-64:]:  # the prompt counts as "already in the text"
+            for token in history[-_PENALTY_LAST_N:]:  # the prompt counts as "already in the text"
                 lib.llama_sampler_accept(penalties, token)
         self._chain: Any = chain
         self._dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -376,20 +408,10 @@ class Sampler:
         pointer = self._lib.llama_get_logits_ith(self._ctx, index)
         return self._np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
-    def _best_first(self, row: Any, margin: float) -> Any:
-        """Token ids within `margin` of the row's maximum (all, for an infinite margin), highest
-        first, ties by token id — sorted as llama.cpp's top-k hands them on."""
-        np = self._np
-        ids = np.flatnonzero(row >= float(row.max()) - margin) if margin != float("inf") else np.arange(len(row))
-        return ids[np.lexsort((ids, -row[ids]))]
-
     def _sample_top_k(self, index: int) -> int:
         row = self._row(index)
-        for margin in (8.0, 16.0, 32.0, float("inf")):
-            chosen = self._best_first(row, margin)
-            if len(chosen) >= self._top_k:
-                break
-        return self._apply_chain(chosen[: self._top_k], row[chosen[: self._top_k]])
+        chosen = grammar_search.ranked(row, 0, self._top_k)
+        return self._apply_chain(chosen, row[chosen])
 
     def _apply_chain(self, ids: Any, logits: Any) -> int:
         """The chain over these candidates (best first); the chosen token is accepted into it."""
@@ -412,35 +434,86 @@ class Sampler:
         return bool(one[0].logit != float("-inf"))
 
     def _pick_allowed(self, index: int) -> int:
-        """The grammar refused the sampled token: find allowed candidates, best first, and let the
-        chain choose among them."""
-        np, lib = self._np, self._lib
+        """The grammar refused the sampled token: find allowed candidates and let the chain choose.
+
+        The best 32 first (most refusals end there); then only the tokens of the classes the
+        grammar allows now (daemon.engine.grammar_search), best first; then, if those hold none,
+        the classes it was not asked about."""
+        np = self._np
         row = self._row(index)
-        top = float(row.max())
-        for margin in (8.0, 16.0, 32.0, float("inf")):
-            ids = self._best_first(row, margin)
-            data = np.empty(len(ids), dtype=self._dtype)
-            data["id"], data["logit"], data["p"] = ids, row[ids], 0.0
-            array = lib.llama_token_data_array(
-                data=data.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), size=len(ids), selected=-1,
-                sorted=True,
-            )
-            lib.llama_sampler_apply(self._grammar, ctypes.byref(array))
-            allowed = ids[np.isfinite(data["logit"][: len(ids)])]
-            if len(allowed) >= self._needed or margin == float("inf"):
-                break
-            floor = None if self._min_p_nats is None or not len(allowed) else float(row[allowed[0]]) - self._min_p_nats
-            if floor is not None and top - margin <= floor:
-                break  # every allowed token min-p would keep is in hand
-        if not len(allowed):
+        allows = self._grammar_allows
+        top = grammar_search.ranked(row, 0, grammar_search.CHUNKS[0])
+        chosen = allows(top)
+        nats = self._min_p_nats
+        best = float(row[chosen[0]]) if len(chosen) else None
+        settled = len(chosen) >= self._needed or (
+            nats is not None and best is not None and float(row[top[-1]]) < best - nats
+        )
+        if not settled:
+            classes, unasked = self._allowed_classes()
+            vocab = self._llama.vocab_classes()
+            for group in (classes, unasked):
+                if group is None:
+                    continue
+                among = vocab.members(group)
+                among = among[~np.isin(among, top)]
+                if best is not None and nats is not None:
+                    among = among[row[among] >= best - nats]
+                more = grammar_search.search(row, allows, self._needed - len(chosen), nats, among, best)
+                chosen = np.concatenate((chosen, more))
+                if len(chosen):
+                    break
+        if not len(chosen):
             raise LlamaError("the grammar allows no token here")
-        allowed = allowed[: self._needed] if self._needed < len(allowed) and not self._full_row else allowed
-        return self._apply_chain(allowed, row[allowed])
+        chosen = grammar_search.best_first(row, chosen)[: self._needed]
+        if nats is not None:  # what min-p keeps, however far the search went
+            chosen = chosen[row[chosen] >= float(row[chosen[0]]) - nats]
+        return self._apply_chain(chosen, row[chosen])
+
+    def _allowed_classes(self) -> tuple[Any, Any]:
+        """(the classes the grammar allows now, the classes it was not asked about — or None when
+        it was asked about all). When the last token ended inside a character, which the next
+        token's first bytes finish, classes say nothing: every class, all at once."""
+        np = self._np
+        vocab = self._llama.vocab_classes()
+        if self._tail:
+            return np.arange(len(vocab.representative)), None
+        if self._sample is None:
+            self._sample = vocab.sample_for(self._grammar_text)
+            self._unasked = np.setdiff1d(vocab.other, self._sample)
+            self._asked = np.concatenate((vocab.ascii, self._sample))
+        asked = self._asked
+        ok = self._grammar_mask(vocab.representative[asked])
+        allowed = asked[ok]
+        parts = [allowed]
+        if vocab.space in allowed:  # then which ASCII character may follow it
+            parts.append(vocab.space_ascii[self._grammar_mask(vocab.representative[vocab.space_ascii])])
+        if not ok[len(vocab.ascii):].any():
+            return np.concatenate(parts), self._unasked
+        # Some character outside ASCII is allowed: ask about all of them.
+        parts.append(self._unasked[self._grammar_mask(vocab.representative[self._unasked])])
+        return np.concatenate(parts), None
+
+    def _grammar_allows(self, ids: Any) -> Any:
+        """The ids (in their order) the grammar allows after what it has accepted so far."""
+        return ids[self._grammar_mask(ids)]
+
+    def _grammar_mask(self, ids: Any) -> Any:
+        """Which of the ids the grammar allows after what it has accepted so far."""
+        np, lib = self._np, self._lib
+        data = np.empty(len(ids), dtype=self._dtype)
+        data["id"], data["logit"], data["p"] = ids, 0.0, 0.0
+        array = lib.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), size=len(ids), selected=-1, sorted=False
+        )
+        lib.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        return np.isfinite(data["logit"])
 
     def _accept_grammar(self, token: int) -> None:
         # End of generation ends the answer; llama.cpp aborts on an EOG the grammar is not ready for.
         if not self._llama.is_eog(token):
             self._lib.llama_sampler_accept(self._grammar, token)
+            self._tail = grammar_search.incomplete_tail(self._tail + self._llama.piece(token, special=True))
 
     def close(self) -> None:
         if self._chain is not None:

@@ -135,6 +135,15 @@ def answer_attributes(event: dict[str, Any], answer_topic: str, limit: int = MAX
         cut = max(0, cut - max(1, over // 6))
 
 
+def payload_attributes(payload: bytes, answer_topic: str) -> bytes:
+    """`answer_attributes` of a published answer event (an unreadable one has none but the topic)."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        event = None
+    return answer_attributes(event if isinstance(event, dict) else {}, answer_topic)
+
+
 def discovery_topic(ha_prefix: str, topics: Topics, component: str, object_id: str) -> str:
     return f"{ha_prefix}/{component}/edgellm_{topics.node_id}/{object_id}/config"
 

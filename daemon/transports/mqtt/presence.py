@@ -11,7 +11,9 @@ out (all retained, QoS 1, in order). The rules:
   every `status_interval_s`.
 - Discovery once per connection, with the configured model's name (known before it loads); again
   only when the device really changed (another model), when Home Assistant says `online`, or on a
-  reload of the `homeassistant` keys.
+  reload of the `homeassistant` keys. Each task's `text` and `sensor` entities go with the
+  device's; a reload that removes a task removes them (empty retained configs), one that adds a
+  task announces them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from daemon import task_topics
 from daemon.protocol import to_json_line
 from daemon.transports.mqtt import homeassistant
 from daemon.transports.mqtt.topics import Topics
@@ -61,6 +64,8 @@ class Presence:
         self._last: dict[str, Any] | None = None
         self._last_at = -1e9
         self._discovered: str | None = None
+        # (name, description) of every task: each has entities on the device.
+        self.tasks: tuple[tuple[str, str], ...] = ()
 
     def _device_model(self, status: dict[str, Any]) -> str | None:
         return (status.get("model") or {}).get("name") or self.model_name
@@ -79,7 +84,26 @@ class Presence:
         return [
             Message(m.topic, m.payload)
             for m in homeassistant.discovery_messages(self.ha_prefix, self.topics, model, self.version)
-        ]
+        ] + self._task_discovery(self.tasks, model)
+
+    def _task_discovery(self, tasks: tuple[tuple[str, str], ...], model: str | None) -> list[Message]:
+        messages = task_topics.task_discovery_messages(self.ha_prefix, self.topics, tasks, model, self.version)
+        return [Message(m.topic, m.payload) for m in messages]
+
+    def _task_removal(self, names: list[str]) -> list[Message]:
+        return [Message(m.topic, m.payload) for m in task_topics.task_removal_messages(self.ha_prefix, self.topics,
+                                                                                        names)]
+
+    def set_tasks(self, tasks: tuple[tuple[str, str], ...], status: dict[str, Any]) -> list[Message]:
+        """A reload changed the tasks: remove the entities of those gone, announce new or changed ones."""
+        old, self.tasks = dict(self.tasks), tasks
+        if not (self.ha_enabled and self.connected):
+            return []
+        new = dict(tasks)
+        changed = tuple((n, d) for n, d in tasks if old.get(n) != d or n not in old)
+        return self._task_removal([n for n in old if n not in new]) + self._task_discovery(
+            changed, self._discovered or self._device_model(status)
+        )
 
     def on_connected(self, status: dict[str, Any], now: float) -> list[Message]:
         self.connected = True
@@ -137,6 +161,7 @@ class Presence:
         if self.ha_enabled and (not enabled or prefix != self.ha_prefix):
             removal = homeassistant.removal_messages(self.ha_prefix, self.topics)
             messages += [Message(m.topic, m.payload) for m in removal]
+            messages += self._task_removal([n for n, _ in self.tasks])
         self.ha_enabled, self.ha_prefix = enabled, prefix
         if self.connected:
             messages += self.discovery(status)

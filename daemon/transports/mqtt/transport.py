@@ -66,6 +66,7 @@ from daemon.transports.mqtt.fleet import (
 from daemon.transports.mqtt.ledger import Ack, Command, Delivery, Entry, Ledger, Publish, Submit, WriteJournal
 from daemon.transports.mqtt.presence import Message, Presence
 from daemon.transports.mqtt.store import AnswerStore
+from daemon.transports.mqtt.tasks import TaskDoor
 from daemon.transports.mqtt.topics import (
     Accepted,
     Route,
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
     from daemon.backend import Backend
     from daemon.config import MqttConfig
     from daemon.constraints import ConstraintCompiler
+    from daemon.tasks import TaskRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -175,6 +177,7 @@ class MqttTransport:
         model_name: str | None = None,
         limits: Callable[[], Limits] | None = None,
         constraints: ConstraintCompiler | None = None,
+        tasks: TaskRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
@@ -209,6 +212,7 @@ class MqttTransport:
             ha_enabled=cfg.homeassistant.enabled, ha_prefix=cfg.homeassistant.prefix,
         )
         self._destinations = self._make_destinations(cfg)
+        self.task_door = TaskDoor(self, tasks)  # task topics and triggers (tasks.py)
         # Entries the fleet machine holds (its keys), and where each fleet request came from.
         self._handing_off: set[Entry] = set()
         self._sources: dict[Entry, Source] = {}
@@ -285,6 +289,12 @@ class MqttTransport:
         """SIGHUP. Fleet, Home Assistant, limits and backoff change live; anything about the
         connection (broker, credentials, TLS, protocol, client id, prefix) reconnects."""
         self._call(lambda: self._reconfigure(cfg))
+
+    def tasks_changed(self) -> None:  # SIGHUP changed the tasks (tasks.py follows)
+        self._call(self.task_door.reload)
+
+    def post_call(self, fn: Callable[[], None]) -> None:  # run `fn` on the dispatcher soon; never blocks
+        self._post(_Work("call", (fn, threading.Event())), must=True)
 
     def status_section(self) -> dict[str, Any]:
         """The `mqtt` section of the daemon status (any thread; reads plain values only)."""
@@ -442,15 +452,13 @@ class MqttTransport:
             self._run(self.ledger.retry_journal())
         if self._connected and self.presence.next_due_in(now) <= 0:
             self._send(self.presence.due(self.backend.status(), now))
+        self.task_door.tick(now)
 
     def _next_tick_in(self) -> float:
         now = self._clock()
         due = now + self.presence.next_due_in(now)
-        fleet_due = self.fleet.next_due()
-        if fleet_due is not None:
-            due = min(due, fleet_due)
-        if self._journal_retry_at is not None:
-            due = min(due, self._journal_retry_at)
+        for other in (self.fleet.next_due(), self._journal_retry_at, self.task_door.next_due()):
+            due = due if other is None else min(due, other)
         return max(0.05, min(due - now, self.cfg.status_interval_s))
 
     # --- carrying out the machines' commands --------------------------------------------------
@@ -477,13 +485,10 @@ class MqttTransport:
             return
         if command.retain and command.ref is not None and command.topic == self.topics.ha_answer:
             # Home Assistant's Last answer sensor reads its attributes here (bounded; see homeassistant.py).
-            try:
-                event = _json_object(command.payload)
-            except ValueError:
-                event = {}
-            attributes = homeassistant.answer_attributes(event, self.topics.ha_answer)
+            attributes = homeassistant.payload_attributes(command.payload, self.topics.ha_answer)
             client.publish(self.topics.ha_answer_attributes, attributes, retain=True)
-        sent = client.publish(command.topic, command.payload, retain=command.retain, correlation=command.correlation)
+        payload = self.task_door.result_shape(command.topic, command.payload)  # a task's result topic: its shape
+        sent = client.publish(command.topic, payload, retain=command.retain, correlation=command.correlation)
         if command.ref is None:
             return
         if not sent.ok:
@@ -592,6 +597,7 @@ class MqttTransport:
         )
         self._sync_subscriptions()
         self._send(self.presence.on_connected(self.backend.status(), self._clock()))
+        self.task_door.on_connected()
 
     def _on_disconnected(self, reason: str) -> None:
         was = self._connected
@@ -622,7 +628,7 @@ class MqttTransport:
             wanted |= {self.topics.ha_prompt, f"{self.cfg.homeassistant.prefix}/status"}
         if self.cfg.fleet.enabled and self._accepting and self.backend.can_accept():
             wanted.add(shared_filter(self.cfg.fleet.group, self.cfg.fleet.topic))
-        return wanted
+        return wanted | self.task_door.subscriptions()
 
     def _sync_subscriptions(self) -> None:
         """Make the (persistent) session's subscriptions what we want now, including dropping
@@ -667,7 +673,7 @@ class MqttTransport:
                     log.info("mqtt.homeassistant_online", action="re-publishing discovery")
                     self._send(self.presence.discovery(self.backend.status()))
                 self._ack(delivery)
-            else:
+            elif not self.task_door.handle(msg, topic):  # not a task call or trigger message (tasks.py)
                 log.warning("mqtt.unexpected_topic", topic=topic)
                 self._ack(delivery)
         except Exception as exc:
@@ -938,12 +944,3 @@ def _topic(msg: paho.MQTTMessage) -> str:
         return msg.topic
     except UnicodeDecodeError:
         return ""
-
-
-def _json_object(payload: bytes) -> dict[str, Any]:
-    import json
-
-    value = json.loads(payload)
-    if not isinstance(value, dict):
-        raise ValueError("not an object")
-    return value
