@@ -673,7 +673,7 @@ class MqttTransport:
                     log.info("mqtt.homeassistant_online", action="re-publishing discovery")
                     self._send(self.presence.discovery(self.backend.status()))
                 self._ack(delivery)
-            elif not self.task_door.handle(msg, topic):  # not a task call or trigger message (tasks.py)
+            elif not self.task_door.handle(msg, topic, dropped_size):  # not a task call or trigger message (tasks.py)
                 log.warning("mqtt.unexpected_topic", topic=topic)
                 self._ack(delivery)
         except Exception as exc:
