@@ -827,6 +827,10 @@ class MqttTransport:
         ):
             final = self.ledger.take_final(entry, event)
             log.info("mqtt.fleet_bounced", id=entry.request_id, code=event.code, hops=source.hops + 1)
+            # Leave the fleet first if we are full: a refusal is handled right after its message,
+            # possibly before the state change that says so, and the broker must not route the
+            # hand-off straight back to us (UNSUBSCRIBE goes out before it, on the same connection).
+            self._sync_fleet()
             self._start_handoff(entry, source, hops=source.hops + 1, fallback=final)
             return
         self._run(self.ledger.event(entry, event))
