@@ -9,6 +9,12 @@ full text, so a replay loses nothing but the token-by-token timing.
 Bounded by age and by count; pruned on every write. Writes are committed (and fsynced) before the
 transport acknowledges the request, so a crash right after the answer leaves a record behind.
 
+Lookups of ids that were never answered (nearly all of them, and every one of a flood) are
+answered from memory: the journal keeps the set of ids it may hold (`_ids`, a superset: ids are
+added on every write, and the set is re-read from the file once it holds twice `max_entries`),
+so a miss costs no query and no release of the GIL for one. This assumes one writer, this
+object: the daemon owns its `state_dir`.
+
 The second table, `meta`, holds the transport's own small durable facts (which topics the
 persistent session is subscribed to), so a restart with a changed config can unsubscribe what the
 broker still remembers.
@@ -60,7 +66,9 @@ class Journal:
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = self._open()
+        self._ids: set[str] = set()
         self.prune()
+        self._reload_ids()
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -94,6 +102,8 @@ class Journal:
         """The stored final event for this id, unless it is older than `max_age_s`."""
         oldest = self._clock() - self.max_age_s
         with self._lock:
+            if request_id not in self._ids:
+                return None
             row = self._db.execute(
                 "SELECT event FROM answers WHERE id = ? AND answered_at >= ?", (request_id, oldest)
             ).fetchone()
@@ -110,6 +120,7 @@ class Journal:
                 "INSERT OR REPLACE INTO answers (id, answered_at, event) VALUES (?, ?, ?)",
                 (request_id, self._clock(), data),
             )
+            self._ids.add(request_id)
             self._prune_locked()
 
     def prune(self) -> None:
@@ -124,6 +135,15 @@ class Journal:
                    SELECT rowid FROM answers ORDER BY answered_at DESC, rowid DESC LIMIT -1 OFFSET ?)""",
             (self.max_entries,),
         )
+        if len(self._ids) > 2 * self.max_entries + 64:
+            self._reload_ids_locked()
+
+    def _reload_ids(self) -> None:
+        with self._lock:
+            self._reload_ids_locked()
+
+    def _reload_ids_locked(self) -> None:
+        self._ids = {row[0] for row in self._db.execute("SELECT id FROM answers")}
 
     def count(self) -> int:
         with self._lock:

@@ -181,6 +181,7 @@ def test_bad_payloads_get_structured_errors_and_the_daemon_keeps_serving(
         (b'{"id": "w4"}', "invalid_request"),
         (json.dumps({"id": "w5", "prompt": "x" * (MAX_PAYLOAD + 10)}).encode(), "payload_too_large"),
     ]
+    too_large = len(bad[-1][0])
     with Probe(broker, ["client/bad", f"{PREFIX}/error"]) as probe:
         for index, (payload, _code) in enumerate(bad):
             probe.publish(f"{PREFIX}/request", payload, response_topic="client/bad", correlation=str(index).encode())
@@ -193,6 +194,13 @@ def test_bad_payloads_get_structured_errors_and_the_daemon_keeps_serving(
             assert event["message"]
         assert by_correlation[b"5"]["id"] == "w1" and "prompt" in by_correlation[b"5"]["message"]
         assert "max_token" in by_correlation[b"6"]["message"]
+        # The payload was dropped as it arrived; the answer still says how large it was.
+        assert f"payload is {too_large} bytes" in by_correlation[str(len(bad) - 1).encode()]["message"]
+
+        # A cancel over the limit: refused the same way, on its Response Topic.
+        probe.publish(f"{PREFIX}/cancel", b"x" * (MAX_PAYLOAD + 1), response_topic="client/bad", correlation=b"big")
+        big = probe.wait_for(lambda m: m.topic == "client/bad" and m.correlation == b"big", timeout=30)[0].json
+        assert big["event"] == "error" and big["code"] == "payload_too_large", big
 
         # Without any route (3.1.1, not JSON): the error topic.
         with Probe(broker, protocol="3.1.1") as old:

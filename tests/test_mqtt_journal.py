@@ -103,3 +103,23 @@ def test_a_corrupt_journal_is_moved_aside_not_fatal(tmp_path: Path) -> None:
     assert journal.get("a") == done("a")
     assert list(tmp_path.glob("j.sqlite3.corrupt-*"))
     journal.close()
+
+
+def test_ids_never_answered_are_misses_and_the_id_index_stays_bounded(tmp_path: Path) -> None:
+    # Misses are answered from the in-memory index of ids (a superset of the table's); pruning
+    # keeps the table at max_entries and the index at most about twice that.
+    clock = Clock()
+    journal = Journal(tmp_path / "j.sqlite3", max_entries=5, max_age_s=3600, clock=clock)
+    for i in range(500):
+        clock.t += 1
+        journal.put(str(i), done(i))
+        assert journal.get(f"never-{i}") is None
+    assert journal.count() == 5
+    assert len(journal._ids) <= 2 * 5 + 64
+    assert [journal.get(str(i)) for i in range(495, 500)] == [done(i) for i in range(495, 500)]
+    assert journal.get("0") is None
+    journal.close()
+    # A restarted daemon knows what the file holds.
+    reopened = Journal(tmp_path / "j.sqlite3", max_entries=5, max_age_s=3600, clock=clock)
+    assert reopened.get("499") == done(499)
+    reopened.close()

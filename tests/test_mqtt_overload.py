@@ -115,3 +115,45 @@ def test_what_the_full_inbox_refuses_is_redelivered_and_answered_once(
     assert any(e["event"] == "mqtt.inbox_full" for e in logs)
     assert "mqtt" not in backend.sections and backend.listeners == []  # stop() unregistered both
     print(f"refused {section['inbox_refused']}, redelivery reconnects {section['redelivery_reconnects']}")
+
+
+def test_an_inbox_full_of_bytes_makes_paho_wait_and_nothing_is_refused(
+    tmp_path: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 60 KB requests against a 150 KB byte bound: while the dispatcher is held busy, at most two
+    # wait in the inbox and paho reads no further (the broker keeps the rest); once it drains,
+    # every request is answered, none refused, on the one connection.
+    bound, size, count = 150_000, 60_000, 8
+    monkeypatch.setattr(transport_module, "INBOX_MAX_BYTES", bound)
+    cfg = MqttConfig(host=broker.host, port=broker.port, node_id="ovb", reconnect_min_s=0.1, reconnect_max_s=0.2)
+    backend = InstantBackend()
+    mqtt = MqttTransport(cfg, backend, state_dir=tmp_path / "state", version="test")
+    mqtt.start()
+    try:
+        with Probe(broker, ["client/ovb"]) as probe:
+            deadline = time.monotonic() + 10
+            while not mqtt.status_section()["connected"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            gate = threading.Event()
+            blocked = threading.Thread(target=mqtt._call, args=(lambda: gate.wait(30),), kwargs={"timeout": 30})
+            blocked.start()
+            for i in range(count):
+                probe.publish("edgellm/ovb/request", {"id": f"b{i}", "prompt": "x" * size},
+                              response_topic="client/ovb")
+            seen: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 1.0  # well inside INBOX_WAIT_S: nothing may be refused
+            while time.monotonic() < deadline:
+                seen.append(mqtt.status_section()["inbox"])
+                time.sleep(0.05)
+            gate.set()
+            blocked.join()
+            for i in range(count):
+                assert probe.wait_final(f"b{i}", timeout=30)["event"] == "done"
+        section = mqtt.status_section()
+    finally:
+        mqtt.stop()
+    assert max(s["messages"] for s in seen) == 2, seen  # two fit in 150 KB, the third waits at paho
+    assert all(s["bytes"] <= bound for s in seen), seen
+    assert section["inbox_refused"] == 0 and section["connects"] == 1, section
+    assert sorted(backend.submitted) == sorted(f"b{i}" for i in range(count))

@@ -108,6 +108,15 @@ def test_bad_calls_are_structured_errors_on_the_task_result_topic(
     assert decision.route.topic == f"edgellm/pi/task/{name}/result"  # a refused destination is never used
 
 
+def test_a_call_whose_payload_was_dropped_on_arrival_is_too_large_not_empty() -> None:
+    # The client drops a payload over mqtt.max_payload_bytes as it arrives (only the size is
+    # kept): the call is refused as too large, on the result topic, never taken for an empty value.
+    decision = call("say", b"", dropped_size=5_000_000)
+    assert isinstance(decision, Rejected), decision
+    assert decision.error.code == Code.PAYLOAD_TOO_LARGE and "5000000 bytes" in decision.error.message
+    assert decision.route.topic == "edgellm/pi/task/say/result"
+
+
 def test_message_expiry_becomes_the_deadline() -> None:
     decision = call("say", b"x", expiry_s=5)
     assert isinstance(decision, TaskCall) and decision.request.deadline_ms == 5000

@@ -165,6 +165,18 @@ def test_too_large_is_refused_before_parsing() -> None:
     accepted(interpret(body))
 
 
+def test_a_payload_dropped_on_arrival_is_refused_with_its_size() -> None:
+    # The client drops a payload over the limit as it arrives (it keeps only the size): the
+    # answer is still `payload_too_large`, on the client's route, quoting the size it had.
+    decision = rejected(interpret(b"", response_topic="me/inbox", dropped_size=10_000_000))
+    assert decision.error.code == "payload_too_large"
+    assert "10000000 bytes" in decision.error.message and str(LIMIT) in decision.error.message
+    assert decision.route == Route("me/inbox")
+    with pytest.raises(EdgeError) as info:
+        ha_prompt_request(b"", "ha-3", DEFAULTS, LIMIT, dropped_size=LIMIT + 1)
+    assert info.value.code == "payload_too_large" and f"{LIMIT + 1} bytes" in info.value.message
+
+
 def test_wrong_type_names_the_field_and_keeps_the_id_for_routing() -> None:
     decision = rejected(interpret(b'{"id":"r9","prompt":5}'))
     assert decision.error.code == "invalid_request"

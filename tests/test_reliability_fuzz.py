@@ -23,7 +23,15 @@ from paho.mqtt.properties import Properties
 from tests.fuzz_inputs import ANY_ID, INVALID_JSON, PAYLOAD_TOO_LARGE, Case, malformed, oversize
 from tests.helpers import DaemonProcess
 from tests.mqtt_broker import MosquittoBroker, Probe
-from tests.reliability import UNBOUNDED_BROKER_QUEUE, LineSocket, report, rss_kb, start_mqtt_daemon, wait_count
+from tests.reliability import (
+    UNBOUNDED_BROKER_QUEUE,
+    LineSocket,
+    report,
+    rss_anon_kb,
+    rss_kb,
+    start_mqtt_daemon,
+    wait_count,
+)
 
 pytestmark = pytest.mark.soak
 
@@ -157,21 +165,22 @@ class RssGrowthError(AssertionError):
     """The fuzz grew the daemon's RSS by 20 MB or more."""
 
 
-# Open, in the MQTT door (daemon/transports/mqtt.py, issue 11 §2 "bound the inbox"). Likely cause:
-# the door takes in up to the broker's in-flight window (20) of messages before it answers them
-# and holds each payload whole, 10 MB ones included, although anything over `max_payload_bytes`
-# is refused. When it falls behind, several 10 MB payloads are in memory at once and the allocator
-# keeps the peak: RSS +10 to +76 MB in four runs here, the more loaded the box the more.
-# Timing-dependent, so not strict. Every other check of the test still fails it.
+# Open, in the MQTT door (docs/reliability.md, finding 5). The payload over the limit is now
+# dropped as it arrives and the inbox is bounded by bytes, but RSS still grows by 7-50 MB in a run
+# (RssAnon, all of it), about 20 MB of it without the 10 MB payloads at all, while the socket test
+# with the same kinds of input grows < 4 MB: the high-water mark of the MQTT path (paho's
+# per-message objects in flight) that the allocator keeps. malloc_trim, a fixed mmap threshold and
+# one malloc arena were tried and did not bring it under 20 MB. Timing-dependent, so not strict;
+# every other check of the test still fails it.
 @pytest.mark.xfail(
     strict=False,
     raises=RssGrowthError,
-    reason="MQTT door holds several 10 MB payloads at once when behind; RSS +10..76 MB (timing-dependent)",
+    reason="MQTT path's allocation high-water mark stays in RSS: +7..50 MB per run (timing-dependent)",
 )
 def test_live_fuzz_of_mqtt(daemon: DaemonProcess, broker: MosquittoBroker) -> None:
     pid = daemon.proc.pid
     before = normal_answer(daemon)
-    rss_before = rss_kb(pid)
+    rss_before, anon_before = rss_kb(pid), rss_anon_kb(pid)
     started = time.monotonic()
     cases = malformed(SEED + 1, "mqtt", scale=2) + list(oversize(LINE_LIMIT))
     failures: list[str] = []
@@ -224,7 +233,7 @@ def test_live_fuzz_of_mqtt(daemon: DaemonProcess, broker: MosquittoBroker) -> No
         publish_all(probe, [(f"{PREFIX}/cancel", payload, _props("cancel")) for payload in cancels])
 
         assert not failures, f"{len(failures)} of {len(cases)} inputs answered wrongly:\n" + "\n".join(failures[:25])
-        rss_after = rss_kb(pid)  # before the next generation (see the socket test)
+        rss_after, anon_after = rss_kb(pid), rss_anon_kb(pid)  # before the next generation (see the socket test)
         rid = "after-fuzz"
         probe.publish(f"{PREFIX}/request", {"id": rid, **NORMAL}, response_topic="fuzz/inbox")
         after_mqtt = probe.wait_final(rid, timeout=600)
@@ -248,6 +257,7 @@ def test_live_fuzz_of_mqtt(daemon: DaemonProcess, broker: MosquittoBroker) -> No
         seconds=round(elapsed, 1),
         rss_before_mb=round(rss_before / 1024, 1),
         rss_growth_mb=round((rss_after - rss_before) / 1024, 1),
+        rss_anon_growth_mb=round((anon_after - anon_before) / 1024, 1),
         payload_too_large=sum(c.codes == frozenset({PAYLOAD_TOO_LARGE}) for c in cases),
         rss_growth_after_mqtt5_batch_mb=round((rss_after_mqtt5 - rss_before) / 1024, 1),
     )

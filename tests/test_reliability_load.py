@@ -344,6 +344,7 @@ class StatusProbe(threading.Thread):
         self.daemon_process = daemon
         self.latencies_ms: list[float] = []
         self.rss_kb: list[int] = []
+        self.inbox: list[tuple[int, int, int]] = []  # the MQTT inbox as status shows it: (messages, bytes, max)
         self.failures: list[str] = []
         self.stopping = threading.Event()
 
@@ -357,6 +358,8 @@ class StatusProbe(threading.Thread):
                 if reply.get("event") != "status":
                     self.failures.append(f"status answered {reply}")
                 self.latencies_ms.append(took * 1000)
+                inbox = reply.get("mqtt", {}).get("inbox", {})
+                self.inbox.append((inbox.get("messages", 0), inbox.get("bytes", 0), inbox.get("max", 0)))
             except (OSError, TimeoutError, ValueError) as exc:
                 self.failures.append(f"status failed after {time.monotonic() - started:.1f} s: {exc!r}")
             self.rss_kb.append(rss_kb(pid))
@@ -440,6 +443,8 @@ def test_flood_of_10000_mqtt_requests_against_a_small_queue(
             status_latency_ms=percentiles(lat),
             status_over_200ms=sum(v > 200 for v in lat),
             status_failures=len(prober.failures),
+            inbox_messages_max=max((m for m, _b, _x in prober.inbox), default=0),
+            inbox_bytes_max=max((b for _m, b, _x in prober.inbox), default=0),
             rss_before_mb=round(rss_before / 1024, 1),
             rss_peak_growth_mb=round((max(prober.rss_kb, default=rss_before) - rss_before) / 1024, 1),
             rss_growth_after_mb=round((rss_kb(pid) - rss_before) / 1024, 1),
@@ -452,6 +457,8 @@ def test_flood_of_10000_mqtt_requests_against_a_small_queue(
         assert all("retry_after_ms" in got[0][0] for got in finals.values() if got[0][0]["event"] == "error")
         assert not prober.failures, prober.failures[:5]
         assert lat and max(lat) < 5000, "the socket hung behind the flood"
+        # The door holds a bounded number of the flood's messages; the broker keeps the rest.
+        assert all(messages <= bound for messages, _b, bound in prober.inbox), max(prober.inbox)
         # Bounded: not in proportion to 10,000 messages.
         assert max(prober.rss_kb) - rss_before < 150 * 1024, "memory is not bounded under the flood"
         assert status["mqtt"]["connected"] is True

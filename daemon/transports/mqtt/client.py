@@ -8,7 +8,12 @@ Threads. paho's callbacks run on its network thread and only hand a small item (
 `Disconnected`, `MessageIn`, `PubAck`) to `deliver` (the dispatcher's inbox); nothing else is
 touched there except the reconnect backoff, which only that thread uses (`next_delay`, `reset`)
 and whose bounds the dispatcher changes under `_lock`. Every other method is called by the
-dispatcher. Credentials are handed to paho and never logged.
+dispatcher. Credentials are handed to paho and never logged. `deliver` may make the network thread
+wait while the inbox is full (backpressure: paho then reads no more, and the broker holds the rest).
+
+Memory. A payload over `max_payload_bytes` is refused anyway, so it is dropped on arrival: the
+`MessageIn` carries its size and an empty payload, and a 10 MB message costs its bytes only while
+paho reads it, not while it waits in the inbox.
 """
 
 from __future__ import annotations
@@ -50,8 +55,16 @@ class Disconnected:
 
 @dataclass(frozen=True)
 class MessageIn:
+    """`size`: the payload's length as received. Over `max_payload_bytes` the payload itself was
+    dropped (`message.payload` is empty): it can only be refused as `payload_too_large`."""
+
     client: PahoClient
     message: paho.MQTTMessage
+    size: int = 0
+
+    @property
+    def oversize(self) -> bool:
+        return self.size > len(self.message.payload)
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class PahoClient:
         self._lock = threading.Lock()
         self._backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self._closing = False
+        # Read on the network thread, written by the dispatcher on reload (a plain int).
+        self.max_payload_bytes = cfg.max_payload_bytes
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -230,7 +245,10 @@ class PahoClient:
         return delay
 
     def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._deliver(MessageIn(self, msg))
+        size = len(msg.payload)
+        if size > self.max_payload_bytes:
+            msg.payload = b""  # refused anyway; only its size is needed for the answer
+        self._deliver(MessageIn(self, msg, size))
 
     def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
         value = int(reason.value) if reason is not None else 0

@@ -30,6 +30,7 @@ from daemon.transports.mqtt.topics import (
     apply_message_expiry,
     error_event,
     is_topic_name,
+    payload_too_large,
 )
 
 if TYPE_CHECKING:
@@ -65,8 +66,10 @@ def interpret_task_call(
     response_topic: str | None = None,
     correlation: bytes | None = None,
     expiry_s: int | None = None,
+    dropped_size: int | None = None,
 ) -> TaskCall | Rejected:
-    """One message on a task topic → a `TaskCall`, or the error and its route.
+    """One message on a task topic → a `TaskCall`, or the error and its route. `dropped_size`: the
+    size of a payload the client dropped on arrival for being over the limit (refused as too large).
 
     The payload is the task's input (`payload_input`: its JSON value, else its UTF-8 text); a JSON
     object may also carry `reply_to`, which is taken out of the input. A destination the policy
@@ -91,10 +94,8 @@ def interpret_task_call(
             route = Route(topics.error, correlation)
         return Rejected(error_event(exc, request_id), route)
 
-    if len(payload) > max_payload_bytes:
-        return reject(EdgeError(
-            Code.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; mqtt.max_payload_bytes is {max_payload_bytes}"
-        ))
+    if dropped_size is not None or len(payload) > max_payload_bytes:
+        return reject(payload_too_large(len(payload) if dropped_size is None else dropped_size, max_payload_bytes))
     try:
         value = triggers.payload_input(payload)
     except EdgeError as exc:

@@ -85,28 +85,29 @@ class TaskDoor:
     def on_connected(self) -> None:
         self._publish_status(self.transport._clock(), force=True)
 
-    def handle(self, msg: paho.MQTTMessage, topic: str) -> bool:
-        """A message for a task topic or a trigger filter: handled (True), or not ours."""
+    def handle(self, msg: paho.MQTTMessage, topic: str, dropped_size: int | None = None) -> bool:
+        """A message for a task topic or a trigger filter: handled (True), or not ours.
+        `dropped_size`: the client dropped its payload on arrival, over `mqtt.max_payload_bytes`."""
         if self.registry is None:
             return False
         if task_name_of(self.transport.topics, topic) is not None:
-            self._on_call(msg, topic)
+            self._on_call(msg, topic, dropped_size)
             return True
         if topic.startswith(f"{self.transport.topics.prefix}/task/"):
             return False  # our own results and status: never a trigger
         names = self.book.matching(topic)
         if not names:
             return False
-        self._on_trigger(msg, topic, names)
+        self._on_trigger(msg, topic, names, dropped_size)
         return True
 
     # --- task calls -------------------------------------------------------------------------
 
-    def _on_call(self, msg: paho.MQTTMessage, topic: str) -> None:
+    def _on_call(self, msg: paho.MQTTMessage, topic: str, dropped_size: int | None = None) -> None:
         t = self.transport
         delivery = Delivery(msg.mid, msg.qos)
         payload = bytes(msg.payload)
-        if not payload.strip():
+        if dropped_size is None and not payload.strip():
             # An empty value (a cleared retained message, an emptied text entity) is no input.
             log.info("mqtt.task_call_empty", topic=topic, action="ignored")
             t._ack(delivery)
@@ -126,6 +127,7 @@ class TaskDoor:
             response_topic=response_topic if isinstance(response_topic, str) else None,
             correlation=bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
             expiry_s=expiry if isinstance(expiry, int) else None,
+            dropped_size=dropped_size,
         )
         if not isinstance(decision, TaskCall):
             error, route = decision.error, decision.route
@@ -139,14 +141,17 @@ class TaskDoor:
 
     # --- triggers ---------------------------------------------------------------------------
 
-    def _on_trigger(self, msg: paho.MQTTMessage, topic: str, names: list[str]) -> None:
+    def _on_trigger(
+        self, msg: paho.MQTTMessage, topic: str, names: list[str], dropped_size: int | None = None
+    ) -> None:
         t = self.transport
         payload = bytes(msg.payload)
         now = t._clock()
         value: Any = None
         refusal: str | None = None
-        if len(payload) > t.cfg.max_payload_bytes:
-            refusal = f"payload is {len(payload)} bytes; mqtt.max_payload_bytes is {t.cfg.max_payload_bytes}"
+        if dropped_size is not None or len(payload) > t.cfg.max_payload_bytes:
+            size = len(payload) if dropped_size is None else dropped_size
+            refusal = f"payload is {size} bytes; mqtt.max_payload_bytes is {t.cfg.max_payload_bytes}"
         else:
             try:
                 value = triggers.payload_input(payload)

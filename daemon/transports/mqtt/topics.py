@@ -278,11 +278,14 @@ def interpret_request(
     destinations: Destinations | None = None,
     limits: Limits = DEFAULT_LIMITS,
     constraints: ConstraintCompiler | None = None,
+    dropped_size: int | None = None,
 ) -> Decision:
     """Turn one request message into an accepted `Request` with its route, or a structured error
     with the best route we can find for it. Validation is the socket's (`daemon.protocol`).
 
-    A destination `destinations` refuses is not used, not even for the error that says so."""
+    `dropped_size`: the size of a payload dropped on arrival for being over the limit (`payload`
+    is then empty); it is refused as too large. A destination `destinations` refuses is not used,
+    not even for the error that says so."""
     policy = destinations or Destinations(topics.prefix)
     refused: tuple[str, str, str] | None = None
     if response_topic is not None and (why := policy.refusal(response_topic)) is not None:
@@ -296,11 +299,9 @@ def interpret_request(
         )
         return Rejected(error_event(exc, request_id), route or Route(topics.error, correlation))
 
-    if len(payload) > max_payload_bytes:
-        too_large = EdgeError(
-            Code.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; mqtt.max_payload_bytes is {max_payload_bytes}"
-        )
-        return reject(too_large, None, None)
+    if dropped_size is not None or len(payload) > max_payload_bytes:
+        size = len(payload) if dropped_size is None else dropped_size
+        return reject(payload_too_large(size, max_payload_bytes), None, None)
     obj: dict[str, Any] | None = None
     try:
         obj = parse_json_object(payload)
@@ -375,15 +376,18 @@ def parse_cancel(payload: bytes) -> str:
     return request_id
 
 
+def payload_too_large(size: int, max_payload_bytes: int) -> EdgeError:
+    return EdgeError(Code.PAYLOAD_TOO_LARGE, f"payload is {size} bytes; mqtt.max_payload_bytes is {max_payload_bytes}")
+
+
 def ha_prompt_request(
     payload: bytes, request_id: str, defaults: GenerationConfig, max_payload_bytes: int,
-    limits: Limits = DEFAULT_LIMITS,
+    limits: Limits = DEFAULT_LIMITS, dropped_size: int | None = None,
 ) -> Request:
-    """What the Home Assistant `text` entity sends (the typed text, not JSON) as a request."""
-    if len(payload) > max_payload_bytes:
-        raise EdgeError(
-            Code.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; mqtt.max_payload_bytes is {max_payload_bytes}"
-        )
+    """What the Home Assistant `text` entity sends (the typed text, not JSON) as a request.
+    `dropped_size`: as for `interpret_request`."""
+    if dropped_size is not None or len(payload) > max_payload_bytes:
+        raise payload_too_large(len(payload) if dropped_size is None else dropped_size, max_payload_bytes)
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError as exc:

@@ -7,13 +7,21 @@ inbox and alone touches the state: the delivery ledger (`ledger.py`), the fleet 
 plain values for the status section. `start`, `stop`, `reconfigure` post calls to the dispatcher
 and wait for them.
 
-The inbox holds at most `INBOX_MAX` messages. A message that does not fit is refused: logged,
-counted (`inbox_refused`), and never acknowledged, so a QoS 1 message stays in our session at the
-broker; once the inbox has drained to half, the transport drops the connection (paho reconnects
-at once to the same session; at most once per `REDELIVERY_MIN_INTERVAL_S`) so the broker sends it
-again (docs/mqtt.md, "Overload"). A refused
-QoS 0 message is gone, as QoS 0 allows. Backend events, PUBACKs and calls always fit: they are
-bounded by the requests in progress, which the queue bounds.
+The inbox holds at most `INBOX_MAX` messages and `INBOX_MAX_BYTES` of payloads (a payload over
+`mqtt.max_payload_bytes` was already dropped by the client). A message whose bytes do not fit
+makes paho's network thread wait for room, up to `INBOX_WAIT_S`: paho reads no more meanwhile, so
+the broker keeps the rest. (Not for the count: paho reads our answers' PUBACKs from the same
+stream, behind everything the broker already sent, so waiting there stalls every answer; measured,
+a 256-message bound made a flood's refusals arrive 107 s late. And the broker's in-flight window
+does not hold a flood back: docs/mqtt.md, "Overload".) A message that does not fit, or still has
+no room after the wait, is refused: logged, counted (`inbox_refused`),
+and never acknowledged, so a QoS 1 message stays in our session at the broker; once the inbox has
+drained to half, the transport drops the connection (paho reconnects at once to the same session;
+at most once per `REDELIVERY_MIN_INTERVAL_S`) so the broker sends it again (docs/mqtt.md,
+"Overload"). A refused QoS 0 message is gone, as QoS 0 allows. Backend events, PUBACKs and calls
+always fit: they are bounded by the requests in progress, which the queue and the inbox bound.
+Events the backend emits on the dispatcher itself (a refusal in `submit`) are handled right after
+the message that caused them, not behind the inbox.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ from daemon.transports.mqtt.topics import (
     make_destinations,
     make_topics,
     parse_cancel,
+    payload_too_large,
     shared_filter,
     should_bounce,
 )
@@ -83,8 +92,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# The dispatcher's inbox: messages beyond this are refused (unacked, so the broker keeps them).
+# The dispatcher's inbox: messages beyond this are refused (unacked, so the broker keeps them) ...
 INBOX_MAX = 10_000
+# ... and payload bytes beyond this (an empty inbox always takes one message, whatever its size).
+INBOX_MAX_BYTES = 4 * 1024 * 1024
+# A message whose bytes do not fit makes paho's network thread wait this long for room
+# (backpressure: paho stops reading, the broker keeps the rest) before it is refused.
+INBOX_WAIT_S = 2.0
 # At most one reconnect-for-redelivery (of messages the full inbox refused) per this many seconds.
 REDELIVERY_MIN_INTERVAL_S = 5.0
 # How often answers the journal could not take are tried again.
@@ -138,7 +152,14 @@ class _Sink:
         self._entry = entry
 
     def emit(self, event: Event) -> None:
-        self._transport._post(_Work("event", (self._entry, event)), must=True)
+        transport = self._transport
+        if threading.current_thread() is transport._thread:
+            # Emitted by `submit`/`cancel` on the dispatcher itself (a refusal such as
+            # `queue_full`, `queued`): handled as soon as the current item is, not behind the
+            # whole inbox, so a flood's refusals are answered while their requests are in hand.
+            transport._inline.append((self._entry, event))
+            return
+        transport._post(_Work("event", (self._entry, event)), must=True)
 
 
 class MqttTransport:
@@ -171,7 +192,12 @@ class MqttTransport:
         self.client_id = cfg.client_id or default_client_id(self.topics.node_id)
         self._inbox: queue.Queue[ClientItem | _Work] = queue.Queue()
         self._inbox_size = 0
+        self._inbox_bytes = 0
         self._inbox_lock = threading.Lock()
+        self._inbox_messages = 0  # of `_inbox_size`, messages from the broker (the bounded kind)
+        self._room = threading.Condition(self._inbox_lock)  # signalled when a message leaves the inbox
+        # Events the backend emitted on the dispatcher thread, handled right after the current item.
+        self._inline: deque[tuple[Entry, Event]] = deque()
         self._redeliver_wanted = False  # a refused QoS 1 message waits in our session at the broker
         self._last_redelivery = -1e9
         self._thread: threading.Thread | None = None
@@ -242,6 +268,8 @@ class MqttTransport:
         if client is not None:
             client.close()
         thread, self._thread = self._thread, None
+        with self._room:
+            self._room.notify_all()  # a message waiting for room gives up: nobody will read it
         self._inbox.put(_Work("quit", ()))
         thread.join(5.0)
         self.backend.remove_status_section("mqtt")
@@ -286,7 +314,10 @@ class MqttTransport:
             "offline_buffer": self.cfg.offline_buffer,
             "journal_entries": self.store.entries,
             "journal": {"ok": self.store.error is None, "error": self.store.error, "held": self._gauges.held},
-            "inbox": {"depth": self._inbox_size, "max": INBOX_MAX},
+            "inbox": {
+                "depth": self._inbox_size, "messages": self._inbox_messages, "max": INBOX_MAX,
+                "bytes": self._inbox_bytes, "max_bytes": INBOX_MAX_BYTES,
+            },
             **dataclasses.asdict(self.counters),
             **dataclasses.asdict(ledger),
             "handed_off": fleet.handed_off,
@@ -296,26 +327,45 @@ class MqttTransport:
     # --- plumbing ----------------------------------------------------------------------------
 
     def _post(self, item: ClientItem | _Work, *, must: bool = False) -> bool:
-        """Hand an item to the dispatcher. A client message that does not fit is refused."""
+        """Hand an item to the dispatcher. A client message whose bytes do not fit waits up to
+        `INBOX_WAIT_S` for room (only paho's network thread posts them, so paho reads no more
+        meanwhile); one that still does not fit, or finds `INBOX_MAX` messages, is refused."""
         if self._thread is None and not (isinstance(item, _Work) and item.kind == "quit"):
             return False  # stopped: nobody would read it (a removed transport's listener must not leak)
-        with self._inbox_lock:
-            if not must and isinstance(item, MessageIn) and self._inbox_size >= INBOX_MAX:
+        bounded = isinstance(item, MessageIn) and not must
+        size = len(item.message.payload) if isinstance(item, MessageIn) else 0
+        with self._room:
+            if bounded and self._inbox_messages < INBOX_MAX and not self._has_room(size):
+                self._room.wait_for(
+                    lambda: self._thread is None or self._has_room(size), timeout=INBOX_WAIT_S
+                )
+            if bounded and not self._has_room(size):
                 self.counters.inbox_refused += 1
                 refused = self.counters.inbox_refused
-                self._redeliver_wanted = self._redeliver_wanted or item.message.qos > 0
+                self._redeliver_wanted = self._redeliver_wanted or item.message.qos > 0  # type: ignore[union-attr]
             else:
                 self._inbox_size += 1
+                if isinstance(item, MessageIn):
+                    self._inbox_messages += 1
+                    self._inbox_bytes += size
                 refused = 0
         if refused:
             if refused == 1 or refused % 100 == 0:
                 log.warning(
-                    "mqtt.inbox_full", refused=refused, max=INBOX_MAX, topic=_topic(item.message),  # type: ignore[union-attr]
+                    "mqtt.inbox_full", refused=refused, max=INBOX_MAX, max_bytes=INBOX_MAX_BYTES,
+                    topic=_topic(item.message),  # type: ignore[union-attr]
                     action="not acknowledged: the broker keeps a QoS 1 message and sends it again after a reconnect",
                 )
             return False
         self._inbox.put(item)
         return True
+
+    def _has_room(self, size: int) -> bool:
+        """Under `_room`: may a message of `size` payload bytes join the inbox? (An empty inbox
+        always takes one, whatever its size: `mqtt.max_payload_bytes` bounds that.)"""
+        if self._inbox_messages >= INBOX_MAX:
+            return False
+        return self._inbox_bytes == 0 or self._inbox_bytes + size <= INBOX_MAX_BYTES
 
     def _deliver(self, item: ClientItem) -> None:
         """paho's network thread: every callback ends here."""
@@ -337,12 +387,18 @@ class MqttTransport:
             except queue.Empty:
                 item = _Work("tick", ())
             else:
-                with self._inbox_lock:
+                with self._room:
                     self._inbox_size -= 1
+                    if isinstance(item, MessageIn):
+                        self._inbox_messages -= 1
+                        self._inbox_bytes -= len(item.message.payload)
+                        self._room.notify()
             if isinstance(item, _Work) and item.kind == "quit":
                 return
             try:
                 self._handle(item)
+                while self._inline:
+                    self._on_event(*self._inline.popleft())
             except Exception:
                 # A bug in handling one item must not take the door down.
                 log.exception("mqtt.dispatch_failed", item=type(item).__name__)
@@ -359,7 +415,8 @@ class MqttTransport:
         now = self._clock()
         with self._inbox_lock:
             due = (
-                self._redeliver_wanted and self._inbox_size <= INBOX_MAX // 2
+                self._redeliver_wanted and self._inbox_messages <= INBOX_MAX // 2
+                and self._inbox_bytes <= INBOX_MAX_BYTES // 2
                 and now - self._last_redelivery >= REDELIVERY_MIN_INTERVAL_S
             )
             if due:
@@ -381,7 +438,7 @@ class MqttTransport:
         elif item.client is not self._client:
             pass  # from a client replaced by a reload: its acks and mids mean nothing to the new one
         elif isinstance(item, MessageIn):
-            self._on_message(item.message)
+            self._on_message(item.message, dropped_size=item.size if item.oversize else None)
         elif isinstance(item, PubAck):
             self._on_puback(item)
         elif isinstance(item, Connected):
@@ -595,26 +652,28 @@ class MqttTransport:
 
     # --- incoming messages --------------------------------------------------------------------
 
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: paho.MQTTMessage, dropped_size: int | None = None) -> None:
+        """`dropped_size`: the client dropped the payload on arrival, it was this many bytes, over
+        `mqtt.max_payload_bytes` (the message is answered `payload_too_large` where it is answered)."""
         self.counters.received += 1
         topic = _topic(msg)
         delivery = Delivery(msg.mid, msg.qos)
         try:
             if topic == self.topics.request:
-                self._on_request(msg, fleet=False)
+                self._on_request(msg, fleet=False, dropped_size=dropped_size)
             elif self.cfg.fleet.enabled and topic == self.cfg.fleet.topic:
-                self._on_request(msg, fleet=True)
+                self._on_request(msg, fleet=True, dropped_size=dropped_size)
             elif topic == self.topics.cancel:
-                self._on_cancel(msg)
+                self._on_cancel(msg, dropped_size)
                 self._ack(delivery)
             elif topic == self.topics.ha_prompt and self.cfg.homeassistant.enabled:
-                self._on_ha_prompt(msg)
+                self._on_ha_prompt(msg, dropped_size)
             elif topic == f"{self.cfg.homeassistant.prefix}/status":
                 if msg.payload.strip() == b"online" and self.cfg.homeassistant.enabled:
                     log.info("mqtt.homeassistant_online", action="re-publishing discovery")
                     self._send(self.presence.discovery(self.backend.status()))
                 self._ack(delivery)
-            elif not self.task_door.handle(msg, topic):  # not a task call or trigger message (tasks.py)
+            elif not self.task_door.handle(msg, topic, dropped_size):  # not a task call or trigger message (tasks.py)
                 log.warning("mqtt.unexpected_topic", topic=topic)
                 self._ack(delivery)
         except Exception as exc:
@@ -626,12 +685,12 @@ class MqttTransport:
         if self._client is not None:
             self._client.ack(delivery.mid, delivery.qos)
 
-    def _on_request(self, msg: paho.MQTTMessage, *, fleet: bool) -> None:
+    def _on_request(self, msg: paho.MQTTMessage, *, fleet: bool, dropped_size: int | None = None) -> None:
         response_topic = message_property(msg, "ResponseTopic")
         correlation = message_property(msg, "CorrelationData")
         expiry = message_property(msg, "MessageExpiryInterval")
         delivery = Delivery(msg.mid, msg.qos)
-        if not self._accepting:
+        if not self._accepting and dropped_size is None:  # too large is the answer, stopping or not
             self._refuse_while_stopping(msg, fleet)
             return
         decision = interpret_request(
@@ -645,6 +704,7 @@ class MqttTransport:
             destinations=self._destinations,
             limits=self._limits(),
             constraints=self._constraints,
+            dropped_size=dropped_size,
         )
         if not isinstance(decision, Accepted):
             self.counters.rejected += 1
@@ -704,13 +764,15 @@ class MqttTransport:
             fleet_hops(user_properties),
         )
 
-    def _on_cancel(self, msg: paho.MQTTMessage) -> None:
+    def _on_cancel(self, msg: paho.MQTTMessage, dropped_size: int | None = None) -> None:
         response_topic = message_property(msg, "ResponseTopic")
         correlation = message_property(msg, "CorrelationData")
         if isinstance(response_topic, str) and self._destinations.refusal(response_topic) is not None:
             response_topic = None
         reply: dict[str, Any]
         try:
+            if dropped_size is not None:
+                raise payload_too_large(dropped_size, self.cfg.max_payload_bytes)
             request_id = parse_cancel(bytes(msg.payload))
         except EdgeError as exc:
             reply = error_event(exc, None).to_dict()
@@ -726,9 +788,9 @@ class MqttTransport:
             corr = bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None
             self._client.publish(topic, event_payload(reply), correlation=corr)
 
-    def _on_ha_prompt(self, msg: paho.MQTTMessage) -> None:
+    def _on_ha_prompt(self, msg: paho.MQTTMessage, dropped_size: int | None = None) -> None:
         delivery = Delivery(msg.mid, msg.qos)
-        if not bytes(msg.payload).strip():
+        if dropped_size is None and not bytes(msg.payload).strip():
             # An empty text entity value is no prompt: the last answer stays as it is.
             log.info("mqtt.ha_prompt_empty", action="ignored; ha/answer unchanged")
             self._ack(delivery)
@@ -737,7 +799,8 @@ class MqttTransport:
         route = Route(self.topics.ha_answer)
         try:
             request = ha_prompt_request(
-                bytes(msg.payload), request_id, self.backend.defaults, self.cfg.max_payload_bytes, self._limits()
+                bytes(msg.payload), request_id, self.backend.defaults, self.cfg.max_payload_bytes, self._limits(),
+                dropped_size=dropped_size,
             )
         except EdgeError as exc:
             self._run(self.ledger.answer_once(delivery, [route], exc.to_event(request_id).to_dict(), retain=True))
@@ -764,6 +827,10 @@ class MqttTransport:
         ):
             final = self.ledger.take_final(entry, event)
             log.info("mqtt.fleet_bounced", id=entry.request_id, code=event.code, hops=source.hops + 1)
+            # Leave the fleet first if we are full: a refusal is handled right after its message,
+            # possibly before the state change that says so, and the broker must not route the
+            # hand-off straight back to us (UNSUBSCRIBE goes out before it, on the same connection).
+            self._sync_fleet()
             self._start_handoff(entry, source, hops=source.hops + 1, fallback=final)
             return
         self._run(self.ledger.event(entry, event))
@@ -839,6 +906,7 @@ class MqttTransport:
         self.presence.status_interval_s = cfg.status_interval_s
         if self._client is not None:
             self._client.set_backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+            self._client.max_payload_bytes = cfg.max_payload_bytes
         self.store.set_limits(cfg.journal_max_entries, cfg.journal_max_age_s)
         log.info("mqtt.reconfigured", changed=sorted(changed))
         if changed - _LIVE_KEYS or self._client is None:
