@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -141,6 +142,11 @@ class Daemon:
             await self._shutdown()
             return 0
         state = self.worker.state
+        # Everything made while starting (modules, config, the model's tables) lives as long as the
+        # daemon: out of the collector's sight, a full collection under a flood of messages scans
+        # only what the flood made, instead of pausing every thread for the whole heap.
+        gc.collect()
+        gc.freeze()
         log.info("daemon.ready", state=state, socket=str(self.socket_server.path if self.socket_server else ""))
         sdnotify.ready()
         self._publish_status_line(self.worker.status())
