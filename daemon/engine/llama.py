@@ -282,7 +282,8 @@ class Llama:
 
     def state_set(self, seq: int, data: bytes) -> None:
         lib = self._lib
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        # llama.cpp only reads the bytes: hand it the bytes object's own buffer, not a copy of it.
+        buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
         if int(lib.llama_state_seq_set_data(self._ctx, buf, len(data), seq)) == 0:
             self.seq_rm(seq)
             raise LlamaError(f"could not restore a saved state into sequence {seq}")

@@ -328,25 +328,23 @@ class DiskStore:
         return self._read(self.dir / f"{key}{SUFFIX}")
 
     def _read(self, path: Path) -> Entry:
-        data = path.read_bytes()
-        if not data.startswith(MAGIC):
-            raise ValueError("not a prefix-cache file")
-        offset = len(MAGIC)
-        (head_len,) = struct.unpack_from("<I", data, offset)
-        offset += 4
-        header = json.loads(data[offset : offset + head_len])
-        offset += head_len
-        if not isinstance(header, dict):
-            raise ValueError("bad header")
-        for key, value in self.fingerprint.items():
-            if header.get(key) != value:
-                raise ValueError(f"made for another {key}")
-        n_tokens, state_bytes = int(header["n_tokens"]), int(header["state_bytes"])
-        tokens = struct.unpack_from(f"<{n_tokens}i", data, offset)
-        offset += 4 * n_tokens
-        state = data[offset:]
-        if len(state) != state_bytes:
+        with path.open("rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                raise ValueError("not a prefix-cache file")
+            (head_len,) = struct.unpack("<I", f.read(4))
+            header = json.loads(f.read(head_len))
+            if not isinstance(header, dict):
+                raise ValueError("bad header")
+            for key, value in self.fingerprint.items():
+                if header.get(key) != value:
+                    raise ValueError(f"made for another {key}")
+            n_tokens, state_bytes = int(header["n_tokens"]), int(header["state_bytes"])
+            tokens = struct.unpack(f"<{n_tokens}i", f.read(4 * n_tokens))
+            state = f.read(state_bytes + 1)  # read straight into the one bytes object kept
+        if len(state) < state_bytes:
             raise ValueError(f"truncated: {len(state)} of {state_bytes} state bytes")
+        if len(state) > state_bytes:
+            raise ValueError("longer than its header says")
         if hashlib.sha256(state).hexdigest() != header.get("state_sha256"):
             raise ValueError("state checksum mismatch")
         entry = Entry(tuple(tokens), state, persisted=True)
