@@ -136,6 +136,7 @@ class Ledger:
         self.connected = False
         self._by_id: dict[str, Entry] = {}
         self._entries: set[Entry] = set()
+        self._ever_held: set[Entry] = set()  # a superset of the held entries (see `held`)
         self._refs: dict[int, Entry] = {}
         self._owed: dict[int, Entry] = {}  # packet id → the entry that will acknowledge it
         self._buffered: set[int] = set()
@@ -156,7 +157,10 @@ class Ledger:
 
     @property
     def held(self) -> int:
-        return sum(1 for e in self._entries if e.phase is Phase.HELD)
+        # Asked after every message: look only at entries that were ever held (a flood holds
+        # thousands of entries, and scanning them all for every message made it quadratic).
+        self._ever_held = {e for e in self._ever_held if e.phase is Phase.HELD and e in self._entries}
+        return len(self._ever_held)
 
     def idle(self) -> bool:
         """No answer waiting for the backend, the journal or a PUBACK."""
@@ -273,6 +277,7 @@ class Ledger:
         self.counters.journal_failures += 1
         if entry.owes_broker:
             entry.phase = Phase.HELD
+            self._ever_held.add(entry)
             return []
         # QoS 0 only: the broker has no copy to send again, so holding it would only lose it.
         return self._publish_final(entry, entry.final)
