@@ -135,29 +135,18 @@ def ranked(row: Any, start: int, stop: int, among: Any = None) -> Any:
     ties by token id — the order llama.cpp's top-k leaves them in. Only the first `stop` are ever
     ordered: the ids within a margin of the best that holds at least `stop` of them are
     partitioned, and those sorted."""
-    if among is None:
-        size = len(row)
-        stop = min(stop, size)
-        best = float(row.max())
-        pool = None
-        for margin in (8.0, 16.0, 32.0):
-            pool = np.flatnonzero(row >= best - margin)
-            if len(pool) >= stop:
-                break
-        else:
-            pool = np.arange(size)
+    values = row if among is None else row[among]
+    stop = min(stop, len(values))
+    if not stop:
+        return np.zeros(0, dtype=np.int64)
+    best = float(values.max())
+    for margin in (8.0, 16.0, 32.0):
+        picked = np.flatnonzero(values >= best - margin)
+        if len(picked) >= stop:
+            break
     else:
-        stop = min(stop, len(among))
-        if not stop:
-            return among[:0]
-        values = row[among]
-        best = float(values.max())
-        for margin in (8.0, 16.0, 32.0):
-            pool = among[values >= best - margin]
-            if len(pool) >= stop:
-                break
-        else:
-            pool = among
+        picked = np.arange(len(values))
+    pool = picked if among is None else among[picked]
     logits = row[pool]
     if stop < len(pool):
         # The top `stop` by logit; at the boundary value only the lowest ids, as a full sort would.

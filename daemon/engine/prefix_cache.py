@@ -99,15 +99,15 @@ class PrefixCache:
             read = self.store.read(entry.key)
             if read.tokens != entry.tokens:
                 raise ValueError("the file holds other tokens")
-        except FileNotFoundError:  # the disk bound dropped it
-            log.debug("prefix_cache.file_gone", key=entry.key)
-            self._remove(entry.key)
-            return None
         except (OSError, ValueError, struct.error) as exc:
-            log.warning("prefix_cache.file_ignored", key=entry.key, reason=str(exc))
-            self._remove(entry.key)
-            return None
+            if isinstance(exc, FileNotFoundError):  # the disk bound dropped it
+                log.debug("prefix_cache.file_gone", key=entry.key)
+            else:
+                log.warning("prefix_cache.file_ignored", key=entry.key, reason=str(exc))
+            read = None
         self._remove(entry.key)
+        if read is None:
+            return None
         entry.state = read.state
         self._put(entry)
         return entry.state
