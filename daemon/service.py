@@ -23,6 +23,7 @@ from daemon import __version__, sdnotify
 from daemon.config import Config, ConfigError, load_config
 from daemon.constraints import ConstraintCompiler
 from daemon.engine import Engine
+from daemon.engine.process_memory import fix_mmap_threshold
 from daemon.logs import configure_logging
 from daemon.paths import serve_socket_path, state_dir
 from daemon.tasks import TaskRegistry, limits_of
@@ -31,6 +32,10 @@ from daemon.transports.unix_socket import UnixSocketServer
 from daemon.worker import InferenceWorker
 
 log = structlog.get_logger(__name__)
+
+# glibc's initial value, kept fixed (process_memory.fix_mmap_threshold): MQTT fuzz RSS growth
+# 2.9-5.6 MB with it, 4.3-34.9 MB without (docs/reliability.md, finding 5).
+MMAP_THRESHOLD_BYTES = 128 * 1024
 
 
 def _model_settings(cfg: Config) -> tuple[Any, ...]:
@@ -358,6 +363,8 @@ def status_line(status: dict[str, Any]) -> str:
 
 def serve(config_path: Path | None) -> int:
     """`edgellm serve`: load the config, run until a stop signal, return the exit code."""
+    # Before any thread (each gets its own malloc arena) and before any large block.
+    fix_mmap_threshold(MMAP_THRESHOLD_BYTES)
     try:
         cfg = load_config(config_path)
     except ConfigError as exc:

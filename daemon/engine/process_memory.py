@@ -36,3 +36,19 @@ def release_free_memory() -> None:
         return
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fix_mmap_threshold(size: int) -> None:
+    """Serve every allocation of `size` bytes or more with its own mapping, returned to the kernel
+    when freed. glibc's default threshold rises to the size of each large block freed: after the
+    first 10 MB MQTT payload is freed, the next ones come from the heap, and freed heap memory
+    under a live allocation stays in RSS. Setting it also stops that rise (mallopt(3))."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(_M_MMAP_THRESHOLD, size)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
-import paho.mqtt.client as paho
 import structlog
 
 from daemon import triggers  # a module: it imports this package (see task_calls.py)
 from daemon.protocol import Code, EdgeError, ErrorEvent, Event, Origin
 from daemon.task_topics import result_topic, status_topic, task_name_of, task_subscription
-from daemon.transports.mqtt.client import message_property
+from daemon.transports.mqtt.client import Inbound
 from daemon.transports.mqtt.ledger import Delivery
 from daemon.transports.mqtt.task_calls import TaskCall, TriggerBook, encode, interpret_task_call, result_shape
 from daemon.transports.mqtt.topics import topic_matches
@@ -85,7 +84,7 @@ class TaskDoor:
     def on_connected(self) -> None:
         self._publish_status(self.transport._clock(), force=True)
 
-    def handle(self, msg: paho.MQTTMessage, topic: str, dropped_size: int | None = None) -> bool:
+    def handle(self, msg: Inbound, topic: str, dropped_size: int | None = None) -> bool:
         """A message for a task topic or a trigger filter: handled (True), or not ours.
         `dropped_size`: the client dropped its payload on arrival, over `mqtt.max_payload_bytes`."""
         if self.registry is None:
@@ -103,7 +102,7 @@ class TaskDoor:
 
     # --- task calls -------------------------------------------------------------------------
 
-    def _on_call(self, msg: paho.MQTTMessage, topic: str, dropped_size: int | None = None) -> None:
+    def _on_call(self, msg: Inbound, topic: str, dropped_size: int | None = None) -> None:
         t = self.transport
         delivery = Delivery(msg.mid, msg.qos)
         payload = bytes(msg.payload)
@@ -116,17 +115,14 @@ class TaskDoor:
             t.ledger.counters.left_for_redelivery += 1  # unacknowledged: the broker sends it again
             return
         assert self.registry is not None
-        response_topic = message_property(msg, "ResponseTopic")
-        correlation = message_property(msg, "CorrelationData")
-        expiry = message_property(msg, "MessageExpiryInterval")
         decision = interpret_task_call(
             topic, payload, self.registry, t.topics, t.backend.defaults,
             request_id=f"task-{uuid.uuid4().hex[:16]}",
             max_payload_bytes=t.cfg.max_payload_bytes,
             destinations=t._destinations,
-            response_topic=response_topic if isinstance(response_topic, str) else None,
-            correlation=bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
-            expiry_s=expiry if isinstance(expiry, int) else None,
+            response_topic=msg.response_topic,
+            correlation=msg.correlation,
+            expiry_s=msg.expiry_s,
             dropped_size=dropped_size,
         )
         if not isinstance(decision, TaskCall):
@@ -142,7 +138,7 @@ class TaskDoor:
     # --- triggers ---------------------------------------------------------------------------
 
     def _on_trigger(
-        self, msg: paho.MQTTMessage, topic: str, names: list[str], dropped_size: int | None = None
+        self, msg: Inbound, topic: str, names: list[str], dropped_size: int | None = None
     ) -> None:
         t = self.transport
         payload = bytes(msg.payload)

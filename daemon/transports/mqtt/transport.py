@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import paho.mqtt.client as paho
 import structlog
 
 from daemon.protocol import DEFAULT_LIMITS, Code, EdgeError, ErrorEvent, Event, Limits, Origin
@@ -47,11 +46,11 @@ from daemon.transports.mqtt.client import (
     ClientItem,
     Connected,
     Disconnected,
+    Inbound,
     MessageIn,
     PahoClient,
     PubAck,
     broker_name,
-    message_property,
 )
 from daemon.transports.mqtt.fleet import (
     Fallback,
@@ -652,11 +651,11 @@ class MqttTransport:
 
     # --- incoming messages --------------------------------------------------------------------
 
-    def _on_message(self, msg: paho.MQTTMessage, dropped_size: int | None = None) -> None:
+    def _on_message(self, msg: Inbound, dropped_size: int | None = None) -> None:
         """`dropped_size`: the client dropped the payload on arrival, it was this many bytes, over
         `mqtt.max_payload_bytes` (the message is answered `payload_too_large` where it is answered)."""
         self.counters.received += 1
-        topic = _topic(msg)
+        topic = msg.topic
         delivery = Delivery(msg.mid, msg.qos)
         try:
             if topic == self.topics.request:
@@ -685,10 +684,7 @@ class MqttTransport:
         if self._client is not None:
             self._client.ack(delivery.mid, delivery.qos)
 
-    def _on_request(self, msg: paho.MQTTMessage, *, fleet: bool, dropped_size: int | None = None) -> None:
-        response_topic = message_property(msg, "ResponseTopic")
-        correlation = message_property(msg, "CorrelationData")
-        expiry = message_property(msg, "MessageExpiryInterval")
+    def _on_request(self, msg: Inbound, *, fleet: bool, dropped_size: int | None = None) -> None:
         delivery = Delivery(msg.mid, msg.qos)
         if not self._accepting and dropped_size is None:  # too large is the answer, stopping or not
             self._refuse_while_stopping(msg, fleet)
@@ -698,9 +694,9 @@ class MqttTransport:
             self.topics,
             self.backend.defaults,
             max_payload_bytes=self.cfg.max_payload_bytes,
-            response_topic=response_topic if isinstance(response_topic, str) else None,
-            correlation=bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
-            expiry_s=expiry if isinstance(expiry, int) else None,
+            response_topic=msg.response_topic,
+            correlation=msg.correlation,
+            expiry_s=msg.expiry_s,
             destinations=self._destinations,
             limits=self._limits(),
             constraints=self._constraints,
@@ -739,7 +735,7 @@ class MqttTransport:
             log.exception("mqtt.submit_failed", id=request.id)
             self._on_event(entry, ErrorEvent(request.id, Code.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
 
-    def _refuse_while_stopping(self, msg: paho.MQTTMessage, fleet: bool) -> None:
+    def _refuse_while_stopping(self, msg: Inbound, fleet: bool) -> None:
         """Shutting down: a fleet request goes back to the fleet; our own stays at the broker."""
         if not fleet:
             self.ledger.counters.left_for_redelivery += 1
@@ -748,26 +744,15 @@ class MqttTransport:
         source = self._source_of(msg)
         self._start_handoff(entry, source, hops=source.hops, fallback=None)
 
-    def _source_of(self, msg: paho.MQTTMessage) -> Source:
-        response_topic = message_property(msg, "ResponseTopic")
-        correlation = message_property(msg, "CorrelationData")
-        expiry = message_property(msg, "MessageExpiryInterval")
-        user = message_property(msg, "UserProperty")
-        user_properties = tuple((str(k), str(v)) for k, v in user) if isinstance(user, list) else ()
+    def _source_of(self, msg: Inbound) -> Source:
         return Source(
-            bytes(msg.payload),
-            response_topic if isinstance(response_topic, str) else None,
-            bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None,
-            expiry if isinstance(expiry, int) else None,
-            self._clock(),
-            user_properties,
-            fleet_hops(user_properties),
+            msg.payload, msg.response_topic, msg.correlation, msg.expiry_s, self._clock(),
+            msg.user_properties, fleet_hops(msg.user_properties),
         )
 
-    def _on_cancel(self, msg: paho.MQTTMessage, dropped_size: int | None = None) -> None:
-        response_topic = message_property(msg, "ResponseTopic")
-        correlation = message_property(msg, "CorrelationData")
-        if isinstance(response_topic, str) and self._destinations.refusal(response_topic) is not None:
+    def _on_cancel(self, msg: Inbound, dropped_size: int | None = None) -> None:
+        response_topic, correlation = msg.response_topic, msg.correlation
+        if response_topic is not None and self._destinations.refusal(response_topic) is not None:
             response_topic = None
         reply: dict[str, Any]
         try:
@@ -776,19 +761,18 @@ class MqttTransport:
             request_id = parse_cancel(bytes(msg.payload))
         except EdgeError as exc:
             reply = error_event(exc, None).to_dict()
-            topic = response_topic if isinstance(response_topic, str) else self.topics.error
+            topic = response_topic if response_topic is not None else self.topics.error
         else:
             cancelled = self.backend.cancel(request_id)
             log.info("mqtt.cancel", id=request_id, cancelled=cancelled)
-            if not isinstance(response_topic, str):
+            if response_topic is None:
                 return
             reply = {"event": "cancel", "id": request_id, "cancelled": cancelled}
             topic = response_topic
         if self._client is not None:
-            corr = bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None
-            self._client.publish(topic, event_payload(reply), correlation=corr)
+            self._client.publish(topic, event_payload(reply), correlation=correlation)
 
-    def _on_ha_prompt(self, msg: paho.MQTTMessage, dropped_size: int | None = None) -> None:
+    def _on_ha_prompt(self, msg: Inbound, dropped_size: int | None = None) -> None:
         delivery = Delivery(msg.mid, msg.qos)
         if dropped_size is None and not bytes(msg.payload).strip():
             # An empty text entity value is no prompt: the last answer stays as it is.
@@ -943,7 +927,7 @@ class MqttTransport:
         self._run(republish)
 
 
-def _topic(msg: paho.MQTTMessage) -> str:
+def _topic(msg: Inbound) -> str:
     try:
         return msg.topic
     except UnicodeDecodeError:
