@@ -58,3 +58,24 @@ def test_an_inbound_costs_a_fraction_of_a_paho_message() -> None:
 
     paho_bytes, inbound_bytes = cost(True), cost(False)
     assert inbound_bytes * 5 < paho_bytes, (inbound_bytes, paho_bytes)
+
+
+def test_the_properties_we_publish_with_share_pahos_tables() -> None:
+    """paho keeps each published message's Properties until its PUBACK."""
+    from daemon.transports.mqtt.client import _properties
+
+    kept: list[Properties] = []
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    for n in range(500):
+        props = _properties(PacketTypes.PUBLISH)
+        props.CorrelationData = b"%d" % n
+        props.ResponseTopic = "app/inbox"
+        kept.append(props)
+    per_message = (tracemalloc.get_traced_memory()[0] - start) / len(kept)
+    tracemalloc.stop()
+    assert per_message < 1500, per_message
+    packed = kept[7].pack()
+    decoded = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    decoded.unpack(packed)
+    assert (decoded.CorrelationData, decoded.ResponseTopic) == (b"7", "app/inbox")
