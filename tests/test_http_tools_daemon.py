@@ -94,7 +94,10 @@ def test_ollama_tools_answer_is_text_or_a_valid_call_streaming_and_not(port: int
         for call in message.tool_calls or ():
             valid(call.function.name, dict(call.function.arguments))
     streamed = "".join(p.message.content or "" for p in parts)
-    assert streamed == (whole.message.content or "")
+    # Not equal text: the second request starts from the first one's cached prefix, and llama.cpp's
+    # CPU kernels are not batch-invariant, so a sampled token can differ (seen on an Intel VM:
+    # "...\nYou can use" against "...\nyou can use"). What holds is the kind of answer and its parts.
+    assert bool(streamed) == bool(whole.message.content)
     assert bool(whole.message.tool_calls) == any(p.message.tool_calls for p in parts)
 
 
