@@ -9,6 +9,7 @@ generated once (a copy the client gets twice, as QoS 1 allows, is the same answe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -72,6 +73,26 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield b
 
 
+def wait_connected(mqtt: MqttTransport) -> None:
+    deadline = time.monotonic() + 10
+    while not mqtt.status_section()["connected"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def dispatcher_held(mqtt: MqttTransport) -> Iterator[None]:
+    """The dispatcher busy on a call until the block ends: the inbox fills meanwhile."""
+    gate = threading.Event()
+    blocked = threading.Thread(target=mqtt._call, args=(lambda: gate.wait(30),), kwargs={"timeout": 30})
+    blocked.start()
+    try:
+        yield
+    finally:
+        gate.set()
+        blocked.join()
+
+
 def test_what_the_full_inbox_refuses_is_redelivered_and_answered_once(
     tmp_path: Path, broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -83,24 +104,17 @@ def test_what_the_full_inbox_refuses_is_redelivered_and_answered_once(
         mqtt.start()
         try:
             with Probe(broker, ["client/ovl"]) as probe:
-                deadline = time.monotonic() + 10
-                while not mqtt.status_section()["connected"]:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-                gate = threading.Event()
-                blocked = threading.Thread(target=mqtt._call, args=(lambda: gate.wait(30),), kwargs={"timeout": 30})
-                blocked.start()
-                for _ in range(JUNK):
-                    probe.publish("edgellm/ovl/request", b"junk", qos=0)
-                for i in range(COUNT):
-                    probe.publish("edgellm/ovl/request", {"id": f"o{i}", "prompt": str(i)},
-                                  response_topic="client/ovl")
-                deadline = time.monotonic() + 10
-                while mqtt.status_section()["inbox_refused"] == 0:
-                    assert time.monotonic() < deadline, mqtt.status_section()
-                    time.sleep(0.05)
-                gate.set()
-                blocked.join()
+                wait_connected(mqtt)
+                with dispatcher_held(mqtt):
+                    for _ in range(JUNK):
+                        probe.publish("edgellm/ovl/request", b"junk", qos=0)
+                    for i in range(COUNT):
+                        probe.publish("edgellm/ovl/request", {"id": f"o{i}", "prompt": str(i)},
+                                      response_topic="client/ovl")
+                    deadline = time.monotonic() + 10
+                    while mqtt.status_section()["inbox_refused"] == 0:
+                        assert time.monotonic() < deadline, mqtt.status_section()
+                        time.sleep(0.05)
                 for i in range(COUNT):
                     probe.wait_final(f"o{i}", timeout=30)
                 time.sleep(0.5)
@@ -131,23 +145,16 @@ def test_an_inbox_full_of_bytes_makes_paho_wait_and_nothing_is_refused(
     mqtt.start()
     try:
         with Probe(broker, ["client/ovb"]) as probe:
-            deadline = time.monotonic() + 10
-            while not mqtt.status_section()["connected"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            gate = threading.Event()
-            blocked = threading.Thread(target=mqtt._call, args=(lambda: gate.wait(30),), kwargs={"timeout": 30})
-            blocked.start()
-            for i in range(count):
-                probe.publish("edgellm/ovb/request", {"id": f"b{i}", "prompt": "x" * size},
-                              response_topic="client/ovb")
+            wait_connected(mqtt)
             seen: list[dict[str, Any]] = []
-            deadline = time.monotonic() + 1.0  # well inside INBOX_WAIT_S: nothing may be refused
-            while time.monotonic() < deadline:
-                seen.append(mqtt.status_section()["inbox"])
-                time.sleep(0.05)
-            gate.set()
-            blocked.join()
+            with dispatcher_held(mqtt):
+                for i in range(count):
+                    probe.publish("edgellm/ovb/request", {"id": f"b{i}", "prompt": "x" * size},
+                                  response_topic="client/ovb")
+                deadline = time.monotonic() + 1.0  # well inside INBOX_WAIT_S: nothing may be refused
+                while time.monotonic() < deadline:
+                    seen.append(mqtt.status_section()["inbox"])
+                    time.sleep(0.05)
             for i in range(count):
                 assert probe.wait_final(f"b{i}", timeout=30)["event"] == "done"
         section = mqtt.status_section()

@@ -141,17 +141,20 @@ class Sampler:
         chosen = grammar_search.ranked(row, 0, self._top_k)
         return self._apply_chain(chosen, row[chosen])
 
-    def _apply_chain(self, ids: Any, logits: Any) -> int:
-        """The chain over these candidates (best first); the chosen token is accepted into it."""
-        lib = self._lib
+    def _candidates(self, ids: Any, logits: Any, *, best_first: bool) -> tuple[Any, Any]:
+        """`ids` with their logits as llama.cpp's candidate array, and the buffer it points into
+        (which must outlive it)."""
         data = np.empty(len(ids), dtype=self._dtype)
         data["id"], data["logit"], data["p"] = ids, logits, 0.0
-        array = lib.llama_token_data_array(
-            data=data.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), size=len(ids), selected=-1, sorted=True
-        )
-        lib.llama_sampler_apply(self._chain, ctypes.byref(array))
+        pointer = data.ctypes.data_as(ctypes.POINTER(self._lib.llama_token_data))
+        return data, self._lib.llama_token_data_array(data=pointer, size=len(ids), selected=-1, sorted=best_first)
+
+    def _apply_chain(self, ids: Any, logits: Any) -> int:
+        """The chain over these candidates (best first); the chosen token is accepted into it."""
+        data, array = self._candidates(ids, logits, best_first=True)
+        self._lib.llama_sampler_apply(self._chain, ctypes.byref(array))
         token = int(data["id"][array.selected])
-        lib.llama_sampler_accept(self._chain, token)
+        self._lib.llama_sampler_accept(self._chain, token)
         return token
 
     def _allowed(self, token: int) -> bool:
@@ -226,13 +229,8 @@ class Sampler:
 
     def _grammar_mask(self, ids: Any) -> Any:
         """Which of the ids the grammar allows after what it has accepted so far."""
-        lib = self._lib
-        data = np.empty(len(ids), dtype=self._dtype)
-        data["id"], data["logit"], data["p"] = ids, 0.0, 0.0
-        array = lib.llama_token_data_array(
-            data=data.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), size=len(ids), selected=-1, sorted=False
-        )
-        lib.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        data, array = self._candidates(ids, 0.0, best_first=False)
+        self._lib.llama_sampler_apply(self._grammar, ctypes.byref(array))
         return np.isfinite(data["logit"])
 
     def _accept_grammar(self, token: int) -> None:

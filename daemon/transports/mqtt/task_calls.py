@@ -30,7 +30,7 @@ from daemon.transports.mqtt.topics import (
     apply_message_expiry,
     error_event,
     is_topic_name,
-    payload_too_large,
+    oversize,
 )
 
 if TYPE_CHECKING:
@@ -94,8 +94,8 @@ def interpret_task_call(
             route = Route(topics.error, correlation)
         return Rejected(error_event(exc, request_id), route)
 
-    if dropped_size is not None or len(payload) > max_payload_bytes:
-        return reject(payload_too_large(len(payload) if dropped_size is None else dropped_size, max_payload_bytes))
+    if (too_large := oversize(payload, dropped_size, max_payload_bytes)) is not None:
+        return reject(too_large)
     try:
         value = triggers.payload_input(payload)
     except EdgeError as exc:

@@ -26,7 +26,7 @@ from daemon.task_topics import result_topic, status_topic, task_name_of, task_su
 from daemon.transports.mqtt.client import Inbound
 from daemon.transports.mqtt.ledger import Delivery
 from daemon.transports.mqtt.task_calls import TaskCall, TriggerBook, encode, interpret_task_call, result_shape
-from daemon.transports.mqtt.topics import topic_matches
+from daemon.transports.mqtt.topics import oversize, topic_matches
 
 if TYPE_CHECKING:
     from daemon.tasks import Task, TaskRegistry
@@ -105,7 +105,7 @@ class TaskDoor:
     def _on_call(self, msg: Inbound, topic: str, dropped_size: int | None = None) -> None:
         t = self.transport
         delivery = Delivery(msg.mid, msg.qos)
-        payload = bytes(msg.payload)
+        payload = msg.payload
         if dropped_size is None and not payload.strip():
             # An empty value (a cleared retained message, an emptied text entity) is no input.
             log.info("mqtt.task_call_empty", topic=topic, action="ignored")
@@ -141,13 +141,12 @@ class TaskDoor:
         self, msg: Inbound, topic: str, names: list[str], dropped_size: int | None = None
     ) -> None:
         t = self.transport
-        payload = bytes(msg.payload)
+        payload = msg.payload
         now = t._clock()
         value: Any = None
         refusal: str | None = None
-        if dropped_size is not None or len(payload) > t.cfg.max_payload_bytes:
-            size = len(payload) if dropped_size is None else dropped_size
-            refusal = f"payload is {size} bytes; mqtt.max_payload_bytes is {t.cfg.max_payload_bytes}"
+        if (too_large := oversize(payload, dropped_size, t.cfg.max_payload_bytes)) is not None:
+            refusal = too_large.message
         else:
             try:
                 value = triggers.payload_input(payload)

@@ -299,9 +299,8 @@ def interpret_request(
         )
         return Rejected(error_event(exc, request_id), route or Route(topics.error, correlation))
 
-    if dropped_size is not None or len(payload) > max_payload_bytes:
-        size = len(payload) if dropped_size is None else dropped_size
-        return reject(payload_too_large(size, max_payload_bytes), None, None)
+    if (too_large := oversize(payload, dropped_size, max_payload_bytes)) is not None:
+        return reject(too_large, None, None)
     obj: dict[str, Any] | None = None
     try:
         obj = parse_json_object(payload)
@@ -380,14 +379,24 @@ def payload_too_large(size: int, max_payload_bytes: int) -> EdgeError:
     return EdgeError(Code.PAYLOAD_TOO_LARGE, f"payload is {size} bytes; mqtt.max_payload_bytes is {max_payload_bytes}")
 
 
+def oversize(payload: bytes, dropped_size: int | None, max_payload_bytes: int) -> EdgeError | None:
+    """The `payload_too_large` error for a payload over the limit, or for one the client dropped on
+    arrival (`dropped_size`: its size as received; `payload` is then empty); None when it fits."""
+    if dropped_size is not None:
+        return payload_too_large(dropped_size, max_payload_bytes)
+    if len(payload) > max_payload_bytes:
+        return payload_too_large(len(payload), max_payload_bytes)
+    return None
+
+
 def ha_prompt_request(
     payload: bytes, request_id: str, defaults: GenerationConfig, max_payload_bytes: int,
     limits: Limits = DEFAULT_LIMITS, dropped_size: int | None = None,
 ) -> Request:
     """What the Home Assistant `text` entity sends (the typed text, not JSON) as a request.
     `dropped_size`: as for `interpret_request`."""
-    if dropped_size is not None or len(payload) > max_payload_bytes:
-        raise payload_too_large(len(payload) if dropped_size is None else dropped_size, max_payload_bytes)
+    if (too_large := oversize(payload, dropped_size, max_payload_bytes)) is not None:
+        raise too_large
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError as exc:

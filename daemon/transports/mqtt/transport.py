@@ -352,7 +352,7 @@ class MqttTransport:
             if refused == 1 or refused % 100 == 0:
                 log.warning(
                     "mqtt.inbox_full", refused=refused, max=INBOX_MAX, max_bytes=INBOX_MAX_BYTES,
-                    topic=_topic(item.message),  # type: ignore[union-attr]
+                    topic=item.message.topic,  # type: ignore[union-attr]
                     action="not acknowledged: the broker keeps a QoS 1 message and sends it again after a reconnect",
                 )
             return False
@@ -690,7 +690,7 @@ class MqttTransport:
             self._refuse_while_stopping(msg, fleet)
             return
         decision = interpret_request(
-            bytes(msg.payload),
+            msg.payload,
             self.topics,
             self.backend.defaults,
             max_payload_bytes=self.cfg.max_payload_bytes,
@@ -758,7 +758,7 @@ class MqttTransport:
         try:
             if dropped_size is not None:
                 raise payload_too_large(dropped_size, self.cfg.max_payload_bytes)
-            request_id = parse_cancel(bytes(msg.payload))
+            request_id = parse_cancel(msg.payload)
         except EdgeError as exc:
             reply = error_event(exc, None).to_dict()
             topic = response_topic if response_topic is not None else self.topics.error
@@ -774,7 +774,7 @@ class MqttTransport:
 
     def _on_ha_prompt(self, msg: Inbound, dropped_size: int | None = None) -> None:
         delivery = Delivery(msg.mid, msg.qos)
-        if dropped_size is None and not bytes(msg.payload).strip():
+        if dropped_size is None and not msg.payload.strip():
             # An empty text entity value is no prompt: the last answer stays as it is.
             log.info("mqtt.ha_prompt_empty", action="ignored; ha/answer unchanged")
             self._ack(delivery)
@@ -783,7 +783,7 @@ class MqttTransport:
         route = Route(self.topics.ha_answer)
         try:
             request = ha_prompt_request(
-                bytes(msg.payload), request_id, self.backend.defaults, self.cfg.max_payload_bytes, self._limits(),
+                msg.payload, request_id, self.backend.defaults, self.cfg.max_payload_bytes, self._limits(),
                 dropped_size=dropped_size,
             )
         except EdgeError as exc:
@@ -925,10 +925,3 @@ class MqttTransport:
         republish = self.ledger.client_replaced()
         self._start_client(cfg)
         self._run(republish)
-
-
-def _topic(msg: Inbound) -> str:
-    try:
-        return msg.topic
-    except UnicodeDecodeError:
-        return ""
