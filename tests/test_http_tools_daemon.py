@@ -1,12 +1,10 @@
 """Tool calls and constrained output end to end: a real daemon with the bundled model, the real clients.
 
 The guarantee (a reply is text, or a call to a given tool whose arguments match its schema) is made
-by grammar-constrained sampling, which arrives with issue 9's `Request.grammar`: until this build has
-it, the tests that need a call every time are expected to fail (xfail, not strict)."""
+by grammar-constrained sampling (`Request.grammar`, issue 9)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +34,6 @@ TOOLS = [
 PROMPTS = ["Turn on the kitchen light", "Switch off the fan", "Please turn the hall lamp on",
            "Turn off the bedroom switch", "Lights on in the office"]
 # The daemon passes issue 9's constraint compiler (daemon.constraints) to the HTTP door.
-GRAMMAR = importlib.util.find_spec("daemon.constraints") is not None
-needs_grammar = pytest.mark.xfail(not GRAMMAR, reason="needs Request.grammar (issue 9)", strict=False)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,6 @@ def valid(name: str, arguments: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-@needs_grammar
 def test_openai_tool_choice_required_gives_a_valid_call_for_20_prompts_and_seeds(port: int) -> None:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
     for seed in range(20):
@@ -70,7 +65,6 @@ def test_openai_tool_choice_required_gives_a_valid_call_for_20_prompts_and_seeds
 
 
 @pytest.mark.slow
-@needs_grammar
 def test_ollama_chat_with_tools_gives_valid_tool_calls_for_20_prompts_and_seeds(port: int) -> None:
     client = ollama.Client(host=f"http://127.0.0.1:{port}", timeout=300)
     for seed in range(20):
@@ -127,7 +121,6 @@ ANSWER_SCHEMA = {
 
 
 @pytest.mark.slow
-@needs_grammar
 def test_ollama_format_schema_gives_json_that_validates(port: int) -> None:
     client = ollama.Client(host=f"http://127.0.0.1:{port}", timeout=300)
     for seed in range(3):
@@ -137,19 +130,9 @@ def test_ollama_format_schema_gives_json_that_validates(port: int) -> None:
 
 
 @pytest.mark.slow
-@needs_grammar
 def test_openai_response_format_json_schema_gives_json_that_validates(port: int) -> None:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
     reply = client.chat.completions.create(
         model="edgellm", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=48, seed=1,
         response_format={"type": "json_schema", "json_schema": {"name": "command", "schema": ANSWER_SCHEMA}})
     jsonschema.validate(json.loads(reply.choices[0].message.content or ""), ANSWER_SCHEMA)
-
-
-def test_format_without_grammar_support_is_refused_clearly(port: int) -> None:
-    if GRAMMAR:
-        pytest.skip("this build constrains output: the tests above cover it")
-    with pytest.raises(ollama.ResponseError) as refused:
-        ollama.Client(host=f"http://127.0.0.1:{port}").chat(
-            model="edgellm", messages=[{"role": "user", "content": "x"}], format="json")
-    assert refused.value.status_code == 501 and "grammar" in refused.value.error
