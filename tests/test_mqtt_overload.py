@@ -73,11 +73,21 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield b
 
 
-def wait_connected(mqtt: MqttTransport) -> None:
+def wait_subscribed(mqtt: MqttTransport, probe: Probe, node: str) -> None:
+    """Connected, and the broker has applied the door's subscriptions: `connected` comes with the
+    CONNACK, before the SUBACK, and a request published in between has no subscriber (it is gone).
+    A cancel's answer proves it: cancel and request are one SUBSCRIBE."""
     deadline = time.monotonic() + 10
     while not mqtt.status_section()["connected"]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    while True:
+        probe.publish(f"edgellm/{node}/cancel", {"id": "probe"}, response_topic=f"client/{node}")
+        try:
+            probe.wait_for(lambda m: m.topic == f"client/{node}" and b'"cancel"' in m.payload, timeout=0.5)
+            return
+        except TimeoutError:
+            assert time.monotonic() < deadline
 
 
 @contextlib.contextmanager
@@ -104,7 +114,7 @@ def test_what_the_full_inbox_refuses_is_redelivered_and_answered_once(
         mqtt.start()
         try:
             with Probe(broker, ["client/ovl"]) as probe:
-                wait_connected(mqtt)
+                wait_subscribed(mqtt, probe, "ovl")
                 with dispatcher_held(mqtt):
                     for _ in range(JUNK):
                         probe.publish("edgellm/ovl/request", b"junk", qos=0)
@@ -145,7 +155,7 @@ def test_an_inbox_full_of_bytes_makes_paho_wait_and_nothing_is_refused(
     mqtt.start()
     try:
         with Probe(broker, ["client/ovb"]) as probe:
-            wait_connected(mqtt)
+            wait_subscribed(mqtt, probe, "ovb")
             seen: list[dict[str, Any]] = []
             with dispatcher_held(mqtt):
                 for i in range(count):
