@@ -68,7 +68,9 @@ def answers(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as response:
             return response.status == 200
-    except (urllib.error.URLError, ConnectionError):
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        # A connection the kernel accepted while the door was closing gets no answer: a read
+        # timeout (seen in CI). The socket's `health` after the loop shows the daemon still serves.
         return False
 
 
