@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,13 +34,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.client import Client
-from tests.helpers import DaemonProcess, wait_status
+from tests.helpers import REPO, DaemonProcess, wait_status
 from tests.mqtt_broker import MosquittoBroker, Probe
 from tests.reliability import (
     UNBOUNDED_BROKER_QUEUE,
     busy,
     fd_count,
-    op_call,
     percentiles,
     report,
     rss_anon_kb,
@@ -336,34 +337,40 @@ class FloodReceiver:
         self.client.loop_stop()
 
 
-class StatusProbe(threading.Thread):
-    """Asks the socket for `status` every 50 ms and samples the daemon's RSS, until stopped."""
+class StatusProbe:
+    """`tests/status_probe.py` in a process of its own (its docstring says why): `status` every
+    50 ms over the socket and the daemon's RSS, until stopped; then the samples."""
 
-    def __init__(self, daemon: DaemonProcess) -> None:
-        super().__init__(daemon=True)
+    def __init__(self, daemon: DaemonProcess, out: Path) -> None:
         self.daemon_process = daemon
+        self.out = out
+        self.proc: subprocess.Popen[bytes] | None = None
         self.latencies_ms: list[float] = []
         self.rss_kb: list[int] = []
         self.inbox: list[tuple[int, int, int]] = []  # the MQTT inbox as status shows it: (messages, bytes, max)
         self.failures: list[str] = []
-        self.stopping = threading.Event()
 
-    def run(self) -> None:
-        pid = self.daemon_process.proc.pid
-        while not self.stopping.is_set():
-            started = time.monotonic()
-            try:
-                # A fresh connection each time: accepting must stay quick too. 5 s: "never hangs".
-                reply, took = op_call(self.daemon_process.socket_path, {"op": "status"}, timeout=5.0)
-                if reply.get("event") != "status":
-                    self.failures.append(f"status answered {reply}")
-                self.latencies_ms.append(took * 1000)
-                inbox = reply.get("mqtt", {}).get("inbox", {})
-                self.inbox.append((inbox.get("messages", 0), inbox.get("bytes", 0), inbox.get("max", 0)))
-            except (OSError, TimeoutError, ValueError) as exc:
-                self.failures.append(f"status failed after {time.monotonic() - started:.1f} s: {exc!r}")
-            self.rss_kb.append(rss_kb(pid))
-            self.stopping.wait(0.05)
+    def start(self) -> None:
+        argv = [str(self.daemon_process.socket_path), str(self.daemon_process.proc.pid), str(self.out)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.status_probe", *argv], cwd=REPO)
+        deadline = time.monotonic() + 30
+        while not (self.out.exists() and self.out.read_text()):  # sampling before the flood starts
+            assert self.proc.poll() is None and time.monotonic() < deadline, "the status probe did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        self.proc.wait(10)
+        for line in self.out.read_text().splitlines():
+            got = json.loads(line)
+            if "failure" in got:
+                self.failures.append(got["failure"])
+            if "ms" in got:
+                self.latencies_ms.append(got["ms"])
+                self.inbox.append(tuple(got["inbox"]))
+            self.rss_kb.append(got["rss_kb"])
 
 
 def test_flood_of_10000_mqtt_requests_against_a_small_queue(
@@ -380,7 +387,7 @@ def test_flood_of_10000_mqtt_requests_against_a_small_queue(
     flooder.max_queued_messages_set(0)
     flooder.connect(broker.host, broker.port)
     flooder.loop_start()
-    prober = StatusProbe(daemon)
+    prober = StatusProbe(daemon, tmp_path / "status-probe.jsonl")
     try:
         pid = daemon.proc.pid
         warm_up(daemon, broker, prefix)
@@ -412,8 +419,7 @@ def test_flood_of_10000_mqtt_requests_against_a_small_queue(
                 break
             time.sleep(0.2)
         answered_s = time.monotonic() - started
-        prober.stopping.set()
-        prober.join(10)
+        prober.stop()
         status = quiet(daemon)
         with receiver.lock:
             finals = dict(receiver.finals)
@@ -464,7 +470,7 @@ def test_flood_of_10000_mqtt_requests_against_a_small_queue(
         assert status["mqtt"]["connected"] is True
         assert status["mqtt"]["connects"] == 1, "the flood cost the broker connection"
     finally:
-        prober.stopping.set()
+        prober.stop()
         flooder.disconnect()
         flooder.loop_stop()
         receiver.close()
