@@ -159,6 +159,7 @@ class Received:
         self.topic: str = msg.topic
         self.payload: bytes = bytes(msg.payload)
         self.retain = bool(msg.retain)
+        self.qos = int(msg.qos)  # as delivered: the lower of the publish's and the subscription's
         props = msg.properties
         self.correlation: bytes | None = getattr(props, "CorrelationData", None) if props is not None else None
         self.at = time.monotonic()

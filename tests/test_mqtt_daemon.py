@@ -157,10 +157,13 @@ def test_streaming_tokens_in_order_with_seq_then_done(daemon: DaemonProcess, bro
         )
         probe.wait_final(rid)
         events = probe.events(rid)
+        qos = {m.json["event"]: m.qos for m in probe.messages if m.json.get("id") == rid}
     kinds = [e["event"] for e in events]
     assert kinds[-1] == "done"
     assert set(kinds[:-1]) <= {"queued", "token"}
     assert kinds.count("token") >= 8
+    # Subscribed at QoS 1: the stream comes at QoS 0 (best effort, `seq` shows gaps), the answer at 1.
+    assert qos["token"] == 0 and qos["done"] == 1, qos
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     tokens = "".join(e["text"] for e in events if e["event"] == "token")
     assert tokens == events[-1]["text"]

@@ -210,6 +210,7 @@ class PahoClient:
         response_topic: str | None = None,
         expiry_s: int | None = None,
         user_properties: tuple[tuple[str, str], ...] = (),
+        qos: int = 1,
     ) -> Sent:
         props = None
         if self.v5 and (json_content or correlation or response_topic or expiry_s is not None or user_properties):
@@ -224,7 +225,7 @@ class PahoClient:
                 props.MessageExpiryInterval = expiry_s
             if user_properties:
                 props.UserProperty = list(user_properties)
-        info = self._paho.publish(topic, payload, qos=1, retain=retain, properties=props)
+        info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
         ok = info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
         offline = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN or not self._paho.is_connected()
         if not ok:

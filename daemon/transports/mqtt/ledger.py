@@ -56,8 +56,8 @@ class WriteJournal:
 
 @dataclass(frozen=True)
 class Publish:
-    """Publish at QoS 1. `ref` is None for a token (nothing waits for it); otherwise the transport
-    reports its PUBACK with `Ledger.published(ref, …)`."""
+    """Publish. `ref` is None for a stream event (`queued`, `token`): published at QoS 0, nothing
+    waits for it. Otherwise QoS 1, and the transport reports its PUBACK with `Ledger.published(ref, …)`."""
 
     ref: int | None
     topic: str

@@ -487,7 +487,8 @@ class MqttTransport:
             attributes = homeassistant.payload_attributes(command.payload, self.topics.ha_answer)
             client.publish(self.topics.ha_answer_attributes, attributes, retain=True)
         payload = self.task_door.result_shape(command.topic, command.payload)  # a task's result topic: its shape
-        sent = client.publish(command.topic, payload, retain=command.retain, correlation=command.correlation)
+        sent = client.publish(command.topic, payload, retain=command.retain, correlation=command.correlation,
+                              qos=0 if command.ref is None else 1)  # a stream event: see `Publish`
         if command.ref is None:
             return
         if not sent.ok:
