@@ -188,7 +188,9 @@ def test_parse_batched_bench() -> None:
         '"speed_pp": 5.396405, "t_tg": 11.052192, "speed_tg": 0.723838, "t": 14.017129, "speed": 1.712191}\n'
         "llama_perf_context_print: total time = 14017 ms\n"
     )
-    assert contenders.parse_batched_bench(output) == {2: 0.723838}
+    row = contenders.parse_batched_bench(output)[2]
+    assert row.speed_tg == 0.723838
+    assert row.generated_over_total == pytest.approx(2 * 4 / 14.017129)  # B x tg over t: the prompt's time too
     with pytest.raises(BenchError):
         contenders.parse_batched_bench("nothing here")
 
@@ -326,7 +328,8 @@ def test_quick_run_with_the_native_peers(tmp_path: Path, gemma_path: Path) -> No
     assert not data["warnings"] or all("stopped after" in w for w in data["warnings"]), data["warnings"]
     figures = data["figures"]
     for key in ("llama_bench.pp", "llama_bench.tg", "batched_bench.tg.b1", "batched_bench.tg.b2",
-                "llama_server.decode", "llama_server.prompt", "llama_server.ttft", "llama_server.aggregate.c1",
+                "batched_bench.total.b2", "llama_server.decode", "llama_server.prompt", "llama_server.ttft",
+                "llama_server.aggregate.c1",
                 "llama_server.aggregate.c2", "llama_server.prefix.cold", "llama_server.prefix.warm",
                 "llama_server.prefix.alt2", "llama_server.prefix.alt4", "llama_server.idle.rss.np2"):
         assert key in figures and all(x > 0 for x in figures[key]["samples"]), key

@@ -102,35 +102,46 @@ def llama_bench(binary: Path, model: Path, threads: int, pp: int, tg: int, n_bat
     return parse_llama_bench(run_tool(argv, timeout=900))
 
 
-def parse_batched_bench(output: str) -> dict[int, float]:
+@dataclass(frozen=True)
+class BatchedBenchRow:
+    """One B of llama-batched-bench: S_TG (generated tokens per second of decode time, its own
+    figure) and the generated tokens over its whole time, prompt evaluation included: what
+    edgellm's aggregate measures (answer tokens over the wall time from the first send)."""
+
+    speed_tg: float
+    generated_over_total: float
+
+
+def parse_batched_bench(output: str) -> dict[int, BatchedBenchRow]:
     """`llama-batched-bench --output-format jsonl`: one JSON object per line with `pl` (the batch
-    size B) and `speed_tg` (S_TG, generated tokens of all sequences per second)."""
-    speeds: dict[int, float] = {}
+    size B), `tg` (tokens per sequence), `speed_tg` (S_TG) and `t` (seconds, prompt included)."""
+    rows: dict[int, BatchedBenchRow] = {}
     for line in output.splitlines():
         line = line.strip()
         if not (line.startswith("{") and '"speed_tg"' in line):
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+            batch = int(row["pl"])
+            rows[batch] = BatchedBenchRow(float(row["speed_tg"]), batch * int(row["tg"]) / float(row["t"]))
+        except (ValueError, KeyError, TypeError, ZeroDivisionError):
             continue
-        speeds[int(row["pl"])] = float(row["speed_tg"])
-    if not speeds:
+    if not rows:
         raise BenchError(f"llama-batched-bench printed no result line: {output[-300:]!r}")
-    return speeds
+    return rows
 
 
 def batched_bench(binary: Path, model: Path, threads: int, batch: int, pp: int, tg: int, n_ctx: int,
-                  n_batch: int) -> float:
-    """S_TG at B = `batch`: `batch` sequences of `pp` prompt tokens, then `tg` tokens each."""
+                  n_batch: int) -> BatchedBenchRow:
+    """B = `batch` sequences of `pp` prompt tokens, then `tg` tokens each."""
     ctx = max(n_ctx, batch * (pp + tg) + 16)
     argv = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(ctx),
             "-b", str(max(n_batch, pp)), "-ub", str(n_batch), "-npp", str(pp), "-ntg", str(tg), "-npl", str(batch),
             "--output-format", "jsonl"]
-    speeds = parse_batched_bench(run_tool(argv, timeout=900))
-    if batch not in speeds:
+    rows = parse_batched_bench(run_tool(argv, timeout=900))
+    if batch not in rows:
         raise BenchError(f"llama-batched-bench gave no result for B={batch} (context {ctx})")
-    return speeds[batch]
+    return rows[batch]
 
 
 # --- in-process llama-cpp-python ------------------------------------------------------------------

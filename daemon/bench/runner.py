@@ -282,10 +282,14 @@ class Runner:
     def _batched_round(self, c: int) -> None:
         o = self.o
         assert o.llama_batched_bench is not None
-        speed = batched_bench(o.llama_batched_bench, self.place.model, o.threads, c, o.agg_prompt, o.agg_tokens,
-                              o.n_ctx, o.n_batch)
-        self.results.add(f"batched_bench.tg.b{c}", speed, f"llama-batched-bench S_TG, B={c}", "tok/s",
-                         "llama-batched-bench", note=f"-npp {o.agg_prompt} -ntg {o.agg_tokens} -npl {c}")
+        row = batched_bench(o.llama_batched_bench, self.place.model, o.threads, c, o.agg_prompt, o.agg_tokens,
+                            o.n_ctx, o.n_batch)
+        note = f"-npp {o.agg_prompt} -ntg {o.agg_tokens} -npl {c}"
+        self.results.add(f"batched_bench.tg.b{c}", row.speed_tg, f"llama-batched-bench S_TG, B={c}", "tok/s",
+                         "llama-batched-bench", note=note)
+        self.results.add(f"batched_bench.total.b{c}", row.generated_over_total,
+                         f"llama-batched-bench generated tokens over its whole time (prompt included), B={c}",
+                         "tok/s", "llama-batched-bench", note=note)
 
     # --- restart with a persisted prefix ------------------------------------------------------
 
