@@ -9,10 +9,11 @@ batch, sampler chains, sequence memory and sequence state. llama.cpp's failures 
 from __future__ import annotations
 
 import ctypes
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import structlog
 
@@ -191,7 +192,7 @@ class Llama:
         if self._classes is None:
             n = int(self._lib.llama_vocab_n_tokens(self.vocab))
             eog = [t for t in range(n) if self.is_eog(t)]
-            self._classes = grammar_search.build([self.piece(t, special=True) for t in range(n)], eog)
+            self._classes = grammar_search.build(_Pieces(self, n), eog)
         return self._classes
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
@@ -287,3 +288,29 @@ class Llama:
         if int(lib.llama_state_seq_set_data(self._ctx, buf, len(data), seq)) == 0:
             self.seq_rm(seq)
             raise LlamaError(f"could not restore a saved state into sequence {seq}")
+
+
+class _Pieces(Sequence[bytes]):
+    """Every token's text, read from llama.cpp once into one buffer: the classes' build reads each
+    text twice, and 262,144 small bytes objects kept alive between the passes would leave their
+    memory in RSS for good (Python's small-object arenas stay pinned by the few that survive)."""
+
+    def __init__(self, llama: Llama, n: int) -> None:
+        buf = bytearray()
+        ends = array("q", [0])  # machine integers: a list of 262,145 ints would be small objects too
+        for token in range(n):
+            buf += llama.piece(token, special=True)
+            ends.append(len(buf))
+        self._buf, self._ends = bytes(buf), ends
+
+    def __len__(self) -> int:
+        return len(self._ends) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [self[t] for t in range(len(self))[index]]
+        return self._buf[self._ends[index]:self._ends[index + 1]]
