@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -36,23 +35,32 @@ def sample(socket_path: Path, pid: int) -> dict[str, object]:
         out["inbox"] = [inbox.get("messages", 0), inbox.get("bytes", 0), inbox.get("max", 0)]
     except (OSError, TimeoutError, ValueError) as exc:
         out["failure"] = f"status failed after {time.monotonic() - started:.1f} s: {exc!r}"
-    out["rss_kb"] = rss_kb(pid)
+    try:
+        out["rss_kb"] = rss_kb(pid)
+    except (OSError, RuntimeError) as exc:  # the daemon is gone (or a zombie, without VmRSS)
+        out["failure"] = f"no RSS for the daemon: {exc!r}"
     return out
+
+
+class _Stop:
+    """Set by SIGTERM. A plain flag: a threading.Event set from a signal handler can deadlock
+    against the same thread's wait() on it."""
+
+    requested = False
 
 
 def main(argv: list[str]) -> int:
     socket_path, pid, out_path = Path(argv[0]), int(argv[1]), Path(argv[2])
-    stopping = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
+        _Stop.requested = True
 
     signal.signal(signal.SIGTERM, stop)
     with out_path.open("a", encoding="utf-8") as out:
-        while not stopping.is_set():
+        while not _Stop.requested:
             out.write(json.dumps(sample(socket_path, pid)) + "\n")
             out.flush()
-            stopping.wait(INTERVAL_S)
+            time.sleep(INTERVAL_S)
     return 0
 
 

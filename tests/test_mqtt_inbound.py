@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import time
 import tracemalloc
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -79,3 +83,29 @@ def test_the_properties_we_publish_with_share_pahos_tables() -> None:
     decoded = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     decoded.unpack(packed)
     assert (decoded.CorrelationData, decoded.ResponseTopic) == (b"7", "app/inbox")
+
+
+def test_the_adapter_hands_over_puback_of_qos1_and_nothing_for_qos0_writes(tmp_path: Path) -> None:
+    """Against the session's Mosquitto: paho reports every QoS 0 publish (a stream event) once
+    written, under a mid of the same counter as QoS 1; the adapter keeps those reports from the
+    dispatcher, which matches mids to finals. Offline, a QoS 0 publish says so (it is lost)."""
+    from daemon.config import parse_config
+    from daemon.transports.mqtt.client import Connected, PahoClient, PubAck
+
+    cfg = parse_config({"mqtt": {"enabled": True, "host": "127.0.0.1", "port": 1883}}, "test", tmp_path).mqtt
+    items: queue.Queue[object] = queue.Queue()
+    client = PahoClient(cfg, f"adapter-{os.getpid()}", "adapter/will", items.put)
+    offline = client.publish("adapter/test/stream", b"{}", qos=0)
+    assert offline.queued_offline
+    client.connect()
+    try:
+        assert isinstance(items.get(timeout=10), Connected)
+        tokens = [client.publish("adapter/test/stream", b'{"event": "token"}', qos=0) for _ in range(50)]
+        final = client.publish("adapter/test/answer", b'{"event": "done"}', qos=1)
+        assert all(t.ok and not t.queued_offline for t in tokens) and final.ok
+        got = items.get(timeout=10)
+        assert isinstance(got, PubAck) and got.mid == final.mid and not got.failure
+        time.sleep(0.5)  # any late report of a token's write would be here by now
+        assert items.empty(), items.get_nowait()
+    finally:
+        client.close()

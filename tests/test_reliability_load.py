@@ -349,6 +349,7 @@ class StatusProbe:
         self.rss_kb: list[int] = []
         self.inbox: list[tuple[int, int, int]] = []  # the MQTT inbox as status shows it: (messages, bytes, max)
         self.failures: list[str] = []
+        self.stopped = False
 
     def start(self) -> None:
         argv = [str(self.daemon_process.socket_path), str(self.daemon_process.proc.pid), str(self.out)]
@@ -359,18 +360,30 @@ class StatusProbe:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """Stop the probe (killed if it does not stop) and read its samples; once."""
+        if self.proc is None or self.stopped:
             return
-        self.proc.terminate()
-        self.proc.wait(10)
-        for line in self.out.read_text().splitlines():
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                self.failures.append("the status probe did not stop on SIGTERM")
+        elif self.proc.returncode != 0:
+            self.failures.append(f"the status probe exited with {self.proc.returncode}")
+        lines = self.out.read_text().splitlines() if self.out.exists() else []
+        for line in lines:
             got = json.loads(line)
             if "failure" in got:
                 self.failures.append(got["failure"])
             if "ms" in got:
                 self.latencies_ms.append(got["ms"])
                 self.inbox.append(tuple(got["inbox"]))
-            self.rss_kb.append(got["rss_kb"])
+            if "rss_kb" in got:
+                self.rss_kb.append(got["rss_kb"])
 
 
 def test_flood_of_10000_mqtt_requests_against_a_small_queue(
@@ -470,8 +483,10 @@ def test_flood_of_10000_mqtt_requests_against_a_small_queue(
         assert status["mqtt"]["connected"] is True
         assert status["mqtt"]["connects"] == 1, "the flood cost the broker connection"
     finally:
-        prober.stop()
-        flooder.disconnect()
-        flooder.loop_stop()
-        receiver.close()
-        daemon.stop()
+        try:
+            prober.stop()
+            flooder.disconnect()
+            flooder.loop_stop()
+            receiver.close()
+        finally:
+            daemon.stop()

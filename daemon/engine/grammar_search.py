@@ -78,8 +78,8 @@ def _text(raw: bytes) -> str | None:
 def build(texts: Sequence[bytes], eog: Iterable[int]) -> VocabClasses:
     """Classes for a vocabulary: `texts[i]` is token i's text as the grammar sees it.
 
-    Two passes over `texts`, which may make each text anew (the engine's does, from llama.cpp):
-    no list of 262,144 decoded texts is kept. Such a list, freed after the build, left ~30 MiB in
+    Two passes over `texts` (the engine's holds every token's bytes in one buffer): no list of
+    262,144 decoded texts is kept. Such a list, freed after the build, left ~30 MiB in
     RSS for good (Python's small-object arenas stay pinned by the few strings that survive)."""
     n = len(texts)
     exact: dict[str, int] = {}

@@ -188,7 +188,7 @@ class Llama:
         return list(tokens[:n])
 
     def vocab_classes(self) -> VocabClasses:
-        """Token classes for grammar searches: built on first use (one pass over the vocabulary)."""
+        """Token classes for grammar searches: built on first use (the vocabulary read once)."""
         if self._classes is None:
             n = int(self._lib.llama_vocab_n_tokens(self.vocab))
             eog = [t for t in range(n) if self.is_eog(t)]
@@ -313,4 +313,5 @@ class _Pieces(Sequence[bytes]):
     def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
         if isinstance(index, slice):
             return [self[t] for t in range(len(self))[index]]
-        return self._buf[self._ends[index]:self._ends[index + 1]]
+        token = range(len(self))[index]  # negative indices as a list has them; IndexError past either end
+        return self._buf[self._ends[token]:self._ends[token + 1]]

@@ -118,7 +118,8 @@ ClientItem = Union[Connected, Disconnected, MessageIn, PubAck]
 
 @dataclass(frozen=True)
 class Sent:
-    """What `publish` did: `mid` to match the PUBACK; `queued_offline`: held until the reconnect."""
+    """What `publish` did: `mid` to match the PUBACK; `queued_offline`: no connection now, so a
+    QoS 1 message is held until the reconnect and a QoS 0 one is lost."""
 
     ok: bool
     mid: int
@@ -140,6 +141,12 @@ class PahoClient:
         self._deliver = deliver
         self._lock = threading.Lock()
         self._backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        # QoS 0 publishes (stream events): paho calls on_publish once each is written, under its mid.
+        # Nothing waits for them, so those calls stop here instead of reaching the dispatcher, where
+        # a mid reused after wrapping could be taken for a final's PUBACK. The lock covers publish()
+        # and the set, so a write reported before publish() returned is still recognised.
+        self._stream_lock = threading.Lock()
+        self._stream_mids: set[int] = set()
         self._closing = False
         # Read on the network thread, written by the dispatcher on reload (a plain int).
         self.max_payload_bytes = cfg.max_payload_bytes
@@ -225,7 +232,13 @@ class PahoClient:
                 props.MessageExpiryInterval = expiry_s
             if user_properties:
                 props.UserProperty = list(user_properties)
-        info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if qos == 0:
+            with self._stream_lock:
+                info = self._paho.publish(topic, payload, qos=0, retain=retain, properties=props)
+                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._stream_mids.add(info.mid)
+        else:
+            info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
         ok = info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
         offline = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN or not self._paho.is_connected()
         if not ok:
@@ -290,6 +303,10 @@ class PahoClient:
         self._deliver(MessageIn(self, Inbound.of(msg, payload), size))
 
     def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
+        with self._stream_lock:
+            if mid in self._stream_mids:
+                self._stream_mids.discard(mid)
+                return
         value = int(reason.value) if reason is not None else 0
         self._deliver(PubAck(self, mid, value, bool(reason is not None and reason.is_failure)))
 
