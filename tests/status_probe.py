@@ -42,22 +42,19 @@ def sample(socket_path: Path, pid: int) -> dict[str, object]:
     return out
 
 
-class _Stop:
-    """Set by SIGTERM. A plain flag: a threading.Event set from a signal handler can deadlock
-    against the same thread's wait() on it."""
-
-    requested = False
-
-
 def main(argv: list[str]) -> int:
     socket_path, pid, out_path = Path(argv[0]), int(argv[1]), Path(argv[2])
+    # A plain flag set by SIGTERM: a threading.Event set from a signal handler can deadlock
+    # against the same thread's wait() on it.
+    stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        _Stop.requested = True
+        nonlocal stopping
+        stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     with out_path.open("a", encoding="utf-8") as out:
-        while not _Stop.requested:
+        while not stopping:
             out.write(json.dumps(sample(socket_path, pid)) + "\n")
             out.flush()
             time.sleep(INTERVAL_S)

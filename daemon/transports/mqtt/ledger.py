@@ -352,6 +352,11 @@ class Ledger:
             self._buffered.add(ref)
         return [Publish(ref, route.topic, payload, entry.retain, route.correlation)]
 
+    def stream_event_lost(self) -> None:
+        """A stream event went out at QoS 0 while the connection was gone before we knew: the
+        client keeps nothing for the reconnect. Counted as the tokens dropped while disconnected."""
+        self.counters.tokens_dropped += 1
+
     def queued_offline(self, ref: int) -> None:
         """The client holds this publish for the reconnect (the connection went before we knew)."""
         if ref in self._refs:

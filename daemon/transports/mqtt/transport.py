@@ -490,8 +490,8 @@ class MqttTransport:
         sent = client.publish(command.topic, payload, retain=command.retain, correlation=command.correlation,
                               qos=0 if command.ref is None else 1)  # a stream event: see `Publish`
         if command.ref is None:
-            if sent.queued_offline:  # QoS 0: paho keeps nothing for the reconnect
-                self.ledger.counters.tokens_dropped += 1
+            if sent.queued_offline:
+                self.ledger.stream_event_lost()
             return
         if not sent.ok:
             self._run(self.ledger.publish_failed(command.ref))
