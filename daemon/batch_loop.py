@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from daemon.batch_width import BatchWidth
 from daemon.constraints import parse_answer
 from daemon.engine import Aborted, Engine, KvFull, LlamaError, Prepared, Stream
 from daemon.pacing import PaceAction, pace, wanted_threads
@@ -44,6 +45,10 @@ class BatchLoop:
         self._n_seqs = 0
         self.paused_since: float | None = None
         self.last_step_s: float | None = None
+        self.width = BatchWidth(adaptive=worker.cfg.engine.adaptive_batch)
+        self._steps = 0
+        self._last_stepped: dict[Job, int] = {}  # step count when each stream last decoded
+        self._last_width: int | None = None
 
     @property
     def active(self) -> list[Job]:
@@ -142,7 +147,11 @@ class BatchLoop:
             self._rest(step.seconds, active)
             self.last_step_s = None  # rested for that step: the next one goes
             return
+        threads = engine.n_threads
         engine.set_threads(wanted_threads(decision, engine.n_threads))
+        if engine.n_threads != threads:
+            self.width.forget()
+        active, timed = self._this_step(active)
         streams = [self.streams[j] for j in active]
         worker.beat(busy=True)
         started = time.monotonic()
@@ -161,6 +170,8 @@ class BatchLoop:
                 self.end(job, Code.INTERNAL_ERROR, engine)
             return
         self.last_step_s = time.monotonic() - started
+        if timed:
+            self.width.record(len(active), self.last_step_s)
         worker.beat(busy=True)
         for job, stream in zip(active, streams):
             if stream.out:
@@ -170,6 +181,26 @@ class BatchLoop:
                 stream.out.clear()
             if stream.finish is not None:
                 self.end(job, stream.finish, engine)
+
+    def _this_step(self, active: list[Job]) -> tuple[list[Job], bool]:
+        """The jobs that decode in this step, and whether it is a decode-only step to time.
+
+        A step with prompt tokens decodes every stream (the prompt dominates its cost); otherwise
+        `BatchWidth` says how many, and those that waited longest go first."""
+        self._steps += 1
+        if any(self.streams[j].in_prompt for j in active):
+            chosen, timed = active, False
+        else:
+            width = self.width.width(len(active))
+            chosen = sorted(active, key=lambda j: (self._last_stepped.get(j, 0), j.rank))[:width]
+            timed = True
+            if width != self._last_width and (width < len(active) or self._last_width is not None):
+                log.debug("generation.batch_width", width=width, decoding=len(active),
+                         tokens_per_second=self.width.tokens_per_second())
+            self._last_width = width if width < len(active) else None
+        for job in chosen:
+            self._last_stepped[job] = self._steps
+        return chosen, timed
 
     def _rest(self, seconds: float, active: list[Job]) -> None:
         worker = self.worker
@@ -214,6 +245,7 @@ class BatchLoop:
     def end(self, job: Job, reason: str, engine: Engine) -> None:
         worker = self.worker
         stream = self.streams.pop(job)
+        self._last_stepped.pop(job, None)
         seq = stream.seq
         if reason in ("stop", "length"):
             tail = stream.text.finish()

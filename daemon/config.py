@@ -144,6 +144,7 @@ class EngineConfig:
     # Engine v2: parallel streams, prompt chunking, KV cache type, prefix cache, keep-alive.
     parallel: int = field(default=4, metadata=_meta(min=1, max=16))
     prompt_chunk: int = field(default=128, metadata=_meta(min=16, max=8192))
+    adaptive_batch: bool = True
     kv_type: str = field(default="f16", metadata=_meta(choices=KV_TYPES))
     prefix_cache_mb: int = field(default=128, metadata=_meta(min=0, max=65536))
     prefix_cache_persist: bool = True
