@@ -48,12 +48,18 @@ class BatchLoop:
         self.width = BatchWidth(adaptive=worker.cfg.engine.adaptive_batch)
         self._steps = 0
         self._last_stepped: dict[Job, int] = {}  # step count when each stream last decoded
-        self._last_width: int | None = None
+        self._narrow: int | None = None  # the width while fewer than all decode, for the log
 
     @property
     def active(self) -> list[Job]:
         """Jobs whose stream is on a sequence (running, not suspended)."""
         return [job for job, s in self.streams.items() if s.seq is not None]
+
+    def use_engine(self, engine: Engine) -> None:
+        """A new engine replaces the old (a reload, perhaps with other engine settings): what was
+        prepared and what the steps were timed at no longer hold."""
+        self.forget_prepared()
+        self.width = BatchWidth(adaptive=engine.engine_cfg.adaptive_batch)
 
     def forget_prepared(self) -> None:
         """The model changes: tokens of waiting jobs must be made again."""
@@ -194,10 +200,11 @@ class BatchLoop:
             width = self.width.width(len(active))
             chosen = sorted(active, key=lambda j: (self._last_stepped.get(j, 0), j.rank))[:width]
             timed = True
-            if width != self._last_width and (width < len(active) or self._last_width is not None):
+            narrow = width if width < len(active) else None
+            if narrow != self._narrow:
                 log.debug("generation.batch_width", width=width, decoding=len(active),
-                         tokens_per_second=self.width.tokens_per_second())
-            self._last_width = width if width < len(active) else None
+                          tokens_per_second=self.width.tokens_per_second())
+            self._narrow = narrow
         for job in chosen:
             self._last_stepped[job] = self._steps
         return chosen, timed

@@ -66,11 +66,11 @@ class BatchWidth:
             timing.at = self._steps
 
     def tokens_per_second(self) -> dict[int, float]:
-        """The measured rate of each width, for status."""
+        """The measured rate of each width (tokens/s), for the log."""
         return {w: round(w / t.seconds, 1) for w, t in sorted(self._timings.items())}
 
     def forget(self) -> None:
-        """The model or the thread count changed: what was measured no longer holds."""
+        """The thread count changed: what was measured no longer holds."""
         self._timings.clear()
 
     def _measured_at(self, width: int) -> int:

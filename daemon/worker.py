@@ -528,7 +528,7 @@ class InferenceWorker:
                 if self._state in (WorkerState.UNAVAILABLE, WorkerState.LOADING, WorkerState.IDLE):
                     self._state = WorkerState.READY
                 self._state_reason = ""
-            self.loop.forget_prepared()
+            self.loop.use_engine(pending)
             if engine is not None:
                 engine.unload()
             self.notify_listeners()
