@@ -49,6 +49,7 @@ class BatchLoop:
         self._steps = 0
         self._last_stepped: dict[Job, int] = {}  # step count when each stream last decoded
         self._narrow: int | None = None  # the width while fewer than all decode, for the log
+        self.last_width = 0  # streams decoded by the latest step, for status
 
     @property
     def active(self) -> list[Job]:
@@ -207,7 +208,17 @@ class BatchLoop:
             self._narrow = narrow
         for job in chosen:
             self._last_stepped[job] = self._steps
+        self.last_width = len(chosen)
         return chosen, timed
+
+    def batch_status(self, *, running: bool) -> dict[str, Any]:
+        """For status, read from other threads (so it touches no dict the loop changes): the width
+        of the latest step (0 when no stream runs) and the measured rate of each width."""
+        return {
+            "adaptive": self.width.adaptive,
+            "width": self.last_width if running else 0,
+            "tokens_per_second": {str(w): rate for w, rate in self.width.tokens_per_second().items()},
+        }
 
     def _rest(self, seconds: float, active: list[Job]) -> None:
         worker = self.worker

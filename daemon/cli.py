@@ -294,6 +294,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _engine_rows(engine: dict[str, Any]) -> list[tuple[str, str]]:
+    batch = engine.get("batch") or {}
+    running = len(engine.get("running") or [])
+    streams = f"{running}/{engine.get('parallel')} streams running"
+    if running > 1 and batch.get("width"):
+        streams += f", {batch['width']} per step"
+    rows = [("engine", f"{streams}, {len(engine.get('suspended') or [])} suspended, "
+             f"{engine.get('n_threads')} threads")]
+    rows.append(("kv cache", f"{engine.get('kv_type')}, {(engine.get('kv_bytes') or 0) / 1e6:.0f} MB, "
+                 f"{engine.get('kv_cells_reserved', 0)}/{engine.get('kv_cells', 0)} cells reserved"))
+    cache = engine.get("prefix_cache") or {}
+    if cache:
+        rows.append(("prefix cache", f"{cache.get('entries', 0)} entries, {(cache.get('bytes') or 0) / 1e6:.0f} MB, "
+                     f"{cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses"))
+    return rows
+
+
 def format_status(status: dict[str, Any]) -> str:
     """A readable table of the status snapshot."""
     rows: list[tuple[str, str]] = []
@@ -312,6 +329,9 @@ def format_status(status: dict[str, Any]) -> str:
                  f"running: {queue.get('running') or '-'}"))
     rows.append(("requests", f"{requests.get('total', 0)} total, {requests.get('done', 0)} done, "
                  f"{requests.get('cancelled', 0)} cancelled, {requests.get('error', 0)} errors"))
+    engine = status.get("engine")
+    if isinstance(engine, dict):
+        rows.extend(_engine_rows(engine))
     tps = status.get("last_tokens_per_second")
     rows.append(("last speed", "-" if tps is None else f"{tps:.1f} tokens/s"))
     governor = status.get("governor")

@@ -61,6 +61,7 @@ class EngineSnapshot:
     keep_alive_s: float
     last_cold_start_ms: float | None
     n_threads: int | None
+    batch: dict[str, Any]  # the batch loop's: adaptive, width, tokens_per_second
     engine: dict[str, Any]  # the engine's own: kv_type, kv_bytes, prefix_cache
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +75,7 @@ class EngineSnapshot:
             "keep_alive_s": self.keep_alive_s,
             "last_cold_start_ms": self.last_cold_start_ms,
             "n_threads": self.n_threads,
+            "batch": self.batch,
             **self.engine,
         }
 
@@ -215,6 +217,7 @@ class InferenceWorker:
                     keep_alive_s=self.keep_alive_s,
                     last_cold_start_ms=self._last_cold_start_ms,
                     n_threads=None if engine is None else engine.threads,
+                    batch=self.loop.batch_status(running=bool(scheduler.running)),
                     engine={} if engine is None else engine.status(),
                 ),
             )

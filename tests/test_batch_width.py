@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.batch_width import MARGIN, REFRESH_EVERY, BatchWidth
+from daemon.batch_width import MARGIN, REFRESH_EVERY, REFRESH_MAX, BatchWidth
 
 
 def _feed(chooser: BatchWidth, seconds: dict[int, float], decoding: int, steps: int) -> list[int]:
@@ -29,10 +29,29 @@ def test_a_cpu_where_two_rows_cost_more_than_two_steps_decodes_one_stream_at_a_t
     chooser = BatchWidth()
     # What llama-batched-bench showed on an AVX-512 VM: 88 tok/s at B=1, 64 at B=2.
     widths = _feed(chooser, {1: 1 / 88, 2: 2 / 64}, decoding=2, steps=200)
-    assert widths[0] == 2  # nothing known yet
-    settled = widths[REFRESH_EVERY + 1:]
+    assert widths[:2] == [2, 1]  # nothing known yet: each width is timed once at once
+    settled = widths[2:]
     assert settled.count(1) >= len(settled) - len(settled) // REFRESH_EVERY - 1
     assert 2 in settled  # all together is re-timed now and then
+
+
+def test_re_timings_that_confirm_the_choice_come_less_and_less_often() -> None:
+    chooser = BatchWidth()
+    widths = _feed(chooser, {1: 1 / 88, 2: 2 / 64}, decoding=2, steps=3000)
+    assert widths[:3] == [2, 1, 1]  # all together timed first, then one stream, which wins
+    retimed = [i for i, w in enumerate(widths) if w == 2 and i > 0]
+    gaps = [b - a for a, b in zip(retimed, retimed[1:])]
+    assert gaps == sorted(gaps) and gaps[0] == 2 * REFRESH_EVERY and gaps[-1] == REFRESH_MAX, gaps
+    assert len(retimed) <= 3000 // REFRESH_MAX + 4
+
+
+def test_a_re_timing_that_finds_the_cost_moved_looks_again_soon() -> None:
+    chooser = BatchWidth()
+    _feed(chooser, {1: 1 / 88, 2: 2 / 64}, decoding=2, steps=3000)  # re-timed every REFRESH_MAX steps by now
+    # Batching starts to pay (longer contexts, another load): found at the next re-timing, then
+    # re-timed every REFRESH_EVERY steps until the running mean crosses over.
+    widths = _feed(chooser, {1: 1 / 88, 2: 2 / 150}, decoding=2, steps=REFRESH_MAX + 6 * REFRESH_EVERY)
+    assert widths[-REFRESH_EVERY:].count(2) >= REFRESH_EVERY - 1, widths
 
 
 def test_the_choice_follows_the_machine_when_it_changes() -> None:

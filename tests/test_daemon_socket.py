@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -577,3 +578,5 @@ def test_status_counts_cancelled_requests_apart_and_the_cli_shows_them(shared_da
     ).stdout
     assert f"{after['cancelled']} cancelled" in out
     assert "state" in out and "ready" in out and "Gemma 3 270m" in out
+    assert re.search(r"engine +0/1 streams running, 0 suspended, \d+ threads", out), out
+    assert re.search(r"kv cache +f16, \d+ MB, 0/\d+ cells reserved", out), out

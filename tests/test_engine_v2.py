@@ -57,16 +57,24 @@ def test_four_streams_decode_together_and_agree_with_solo(parallel_daemon: Daemo
 
     threads = [threading.Thread(target=run, args=(f"p{i}",)) for i in range(4)]
     most_running = 0
+    widths: list[tuple[int, int]] = []
     with parallel_daemon.client() as c:
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
             engine = c.status()["engine"]
             most_running = max(most_running, len(engine["running"]))
+            widths.append((engine["batch"]["width"], len(engine["running"])))
             time.sleep(0.02)
+        batch = c.status()["engine"]["batch"]
     for t in threads:
         t.join()
     assert most_running >= 2, "the streams never ran at the same time"
+    # Status shows how many streams the latest step decoded, and the rate measured at each width.
+    assert all(width <= 4 for width, _ in widths) and any(width >= 1 for width, running in widths if running)
+    assert batch["adaptive"] is True and batch["width"] == 0, batch
+    rates = batch["tokens_per_second"]
+    assert rates and set(rates) <= {"1", "2", "3", "4"} and all(r > 0 for r in rates.values()), rates
     for rid, events in results.items():
         tokens, done = tokens_and_final(events)
         assert done["event"] == "done" and done["finish_reason"] == "length", done

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from daemon.transports.mqtt.topics import FLEET_HOPS_PROPERTY, FLEET_MAX_HOPS
 from tests.helpers import DaemonProcess, merge, write_config
@@ -79,20 +78,74 @@ def member(daemon: DaemonProcess) -> bool:
     return bool(status(daemon)["mqtt"]["fleet"]["member"])
 
 
-def publish_burst(probe: Probe, topic: str, messages: list[tuple[dict[str, Any], int]], inbox: str) -> list[Any]:
-    """Publish (request, hops) pairs back to back without waiting in between, so the broker hands
-    them all to the subscriber before it can react to the first; return the PUBACK reasons."""
-    infos = []
-    for request, hops in messages:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = inbox
-        if hops:
-            props.UserProperty = (FLEET_HOPS_PROPERTY, str(hops))
-        infos.append(probe.client.publish(topic, json.dumps(request), qos=1, properties=props))
-    for info in infos:
-        info.wait_for_publish(10)
-    with probe._cv:
-        return [probe._acks.pop(info.mid) for info in infos]
+def _mqtt_string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _mqtt_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _mqtt_packet(first_byte: int, body: bytes) -> bytes:
+    return bytes([first_byte]) + _mqtt_varint(len(body)) + body
+
+
+def _read_mqtt_packet(sock: socket.socket) -> tuple[int, bytes]:
+    """One packet from the broker: (first byte, body)."""
+
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("broker closed the connection")
+            data += chunk
+        return data
+
+    first = exactly(1)[0]
+    length, shift = 0, 0
+    while True:
+        digit = exactly(1)[0]
+        length |= (digit & 0x7F) << shift
+        shift += 7
+        if not digit & 0x80:
+            break
+    return first, exactly(length)
+
+
+def publish_burst(
+    broker: MosquittoBroker, topic: str, messages: list[tuple[dict[str, Any], int]], inbox: str
+) -> list[int]:
+    """Publish (request, hops) pairs at QoS 1 in ONE socket write, so the broker holds them all
+    before the subscriber can react to the first (paho writes each publish as it is called, and a
+    member whose queue fills unsubscribes from the fleet: with separate writes its UNSUBSCRIBE can
+    reach the broker before the last publishes do). Returns the PUBACK reason codes, in order."""
+    with socket.create_connection((broker.host, broker.port), timeout=10) as sock:
+        connect_header = _mqtt_string("MQTT") + bytes([5, 0x02]) + (30).to_bytes(2, "big") + _mqtt_varint(0)
+        sock.sendall(_mqtt_packet(0x10, connect_header + _mqtt_string(f"burst-{time.monotonic_ns()}")))
+        kind, body = _read_mqtt_packet(sock)
+        assert kind == 0x20 and body[1] == 0, ("CONNACK", kind, body)
+        burst = b""
+        for packet_id, (request, hops) in enumerate(messages, start=1):
+            props = bytes([0x08]) + _mqtt_string(inbox)  # Response Topic
+            if hops:
+                props += bytes([0x26]) + _mqtt_string(FLEET_HOPS_PROPERTY) + _mqtt_string(str(hops))  # User Property
+            variable = _mqtt_string(topic) + packet_id.to_bytes(2, "big") + _mqtt_varint(len(props)) + props
+            burst += _mqtt_packet(0x32, variable + json.dumps(request).encode())  # PUBLISH, QoS 1
+        sock.sendall(burst)
+        reasons: dict[int, int] = {}
+        while len(reasons) < len(messages):
+            kind, body = _read_mqtt_packet(sock)
+            if kind == 0x40:  # PUBACK: packet id, then the reason code (absent means 0, success)
+                reasons[int.from_bytes(body[:2], "big")] = body[2] if len(body) > 2 else 0
+        sock.sendall(_mqtt_packet(0xE0, b""))  # DISCONNECT
+    return [reasons[packet_id] for packet_id in range(1, len(messages) + 1)]
 
 
 def finals_by_id(probe: Probe, topic: str) -> dict[str, list[dict[str, Any]]]:
@@ -382,9 +435,9 @@ def test_a_full_member_bounces_fleet_requests_to_the_fleet_until_the_hop_limit(
             assert member(daemon)  # one running, none waiting: room for two more
             short = {"prompt": ONCE, "raw": True, "max_tokens": 4}
             burst = [({"id": rid, **short}, 0) for rid in ("Q", "R", "X")] + [({"id": "Y", **short}, FLEET_MAX_HOPS)]
-            reasons = publish_burst(probe, fleet_topic, burst, inbox)
+            reasons = publish_burst(broker, fleet_topic, burst, inbox)
             # All four reached the member while it was still subscribed: Q and R fill its queue.
-            assert [r.value for r in reasons] == [0, 0, 0, 0], reasons
+            assert reasons == [0, 0, 0, 0], reasons
             refused = probe.wait_final("Y")
             wait_until(lambda: bool(logged(daemon, "mqtt.handoff_waiting", id="X")), what="X waiting for room")
             assert not member(daemon)
