@@ -1,5 +1,6 @@
 """The sampler's shortcuts (argmax at temperature 0, a vectorised top-k feeding the rest of the
-chain) pick exactly the tokens llama.cpp's full chain picks: the real model, in-process."""
+chain, also under a repeat penalty) pick exactly the tokens llama.cpp's full chain picks: the real
+model, in-process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from daemon.config import parse_config
@@ -30,17 +32,25 @@ def llama(gemma_path: Path) -> Iterator[Llama]:
     engine.unload()
 
 
-def full_chain(sampler: Sampler, llama: Llama, params: SamplerParams) -> Sampler:
-    """The same request's sampler forced through llama_sampler_sample with llama.cpp's own top-k."""
+def full_chain(sampler: Sampler, llama: Llama, params: SamplerParams, history: list[int]) -> Sampler:
+    """The same request's sampler forced through llama_sampler_sample over the whole row, with
+    llama.cpp's own penalties and top-k."""
     lib = llama._lib
     sampler._greedy, sampler._top_k = False, 0
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    parts = []
+    if params.repeat_penalty != 1.0:
+        n_vocab = int(lib.llama_vocab_n_tokens(llama.vocab))
+        penalties = lib.llama_sampler_init_penalties(n_vocab, 64, params.repeat_penalty, 0.0, 0.0)
+        for token in history:
+            lib.llama_sampler_accept(penalties, token)
+        parts.append(penalties)
     if params.temperature <= 0:
-        parts = [lib.llama_sampler_init_greedy()]
+        parts.append(lib.llama_sampler_init_greedy())
     else:
-        parts = [lib.llama_sampler_init_top_k(params.top_k), lib.llama_sampler_init_top_p(params.top_p, 1),
-                 lib.llama_sampler_init_min_p(params.min_p, 1), lib.llama_sampler_init_temp(params.temperature),
-                 lib.llama_sampler_init_dist(params.seed)]
+        parts += [lib.llama_sampler_init_top_k(params.top_k), lib.llama_sampler_init_top_p(params.top_p, 1),
+                  lib.llama_sampler_init_min_p(params.min_p, 1), lib.llama_sampler_init_temp(params.temperature),
+                  lib.llama_sampler_init_dist(params.seed)]
     for part in parts:
         lib.llama_sampler_chain_add(chain, part)
     lib.llama_sampler_free(sampler._chain)
@@ -69,20 +79,46 @@ def generate(llama: Llama, sampler: Sampler, prompt: bytes, n: int = 32) -> list
         SamplerParams(0.8, 40, 0.95, 0.05, 1.0, 7),
         SamplerParams(1.5, 200, 0.99, 0.0, 1.0, 3),  # a flat distribution: the margin must widen
         SamplerParams(0.7, 5, 0.5, 0.1, 1.0, 11),
+        # A repeat penalty: the best k + 64 candidates, then the chain's own penalty and top-k.
+        SamplerParams(0.0, 40, 0.95, 0.05, 1.5, 1),
+        SamplerParams(0.8, 40, 0.95, 0.05, 1.3, 5),
+        SamplerParams(1.2, 10, 0.99, 0.0, 0.7, 9),  # below 1: raises the repeated tokens' logits
     ],
 )
 def test_shortcuts_pick_the_tokens_of_the_full_chain(llama: Llama, params: SamplerParams) -> None:
     prompt = b"Once upon a time, there was a little"
-    fast = llama.sampler(params, [])
+    history = llama.tokenize(prompt, add_bos=True, special=False)
+    fast = llama.sampler(params, history)
     assert fast._greedy or fast._top_k  # the shortcut is really taken
-    reference = full_chain(llama.sampler(params, []), llama, params)
-    assert generate(llama, fast, prompt) == generate(llama, reference, prompt)
+    reference = full_chain(llama.sampler(params, history), llama, params, history[-64:])
+    assert generate(llama, fast, prompt, 48) == generate(llama, reference, prompt, 48)
 
 
-def test_a_penalty_uses_the_full_chain(llama: Llama) -> None:
-    penalised = llama.sampler(SamplerParams(0.8, 40, 0.95, 0.05, 1.3, 1), [1, 2, 3])
-    assert not (penalised._greedy or penalised._top_k)
-    penalised.close()
+def test_a_penalty_below_1_lifting_a_token_from_far_down_is_still_found(llama: Llama) -> None:
+    """A penalty below 1 raises the repeated tokens' logits (positive ones divided by it): a token
+    far below the best k + 64 can become the best, and the shortcut must still hand it over."""
+    prompt = b"Once upon a time, there was a little"
+    tokens = llama.tokenize(prompt, add_bos=True, special=False)
+    llama.seq_rm(0)
+    llama.decode([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+    lib = llama._lib
+    row = np.ctypeslib.as_array(lib.llama_get_logits_ith(llama._ctx, len(tokens) - 1),
+                                shape=(int(lib.llama_vocab_n_tokens(llama.vocab)),)).copy()
+    order = np.argsort(-row, kind="stable")
+    best = float(row[order[0]])
+    far_down = [int(t) for t in order[200:] if 0.5 * best < row[t] < best][:1]
+    assert far_down, "no token far down with more than half the best logit"
+    params = SamplerParams(0.0, 40, 0.95, 0.05, 0.5, 1)
+    fast = llama.sampler(params, far_down)
+    assert fast._top_k  # the shortcut
+    reference = full_chain(llama.sampler(params, far_down), llama, params, far_down)
+    assert generate(llama, fast, prompt, 1) == generate(llama, reference, prompt, 1) == far_down
+
+
+def test_top_k_off_uses_the_whole_row(llama: Llama) -> None:
+    whole = llama.sampler(SamplerParams(0.8, 0, 0.95, 0.05, 1.3, 1), [1, 2, 3])
+    assert not (whole._greedy or whole._top_k)
+    whole.close()
 
 
 YES_NO = 'root ::= "yes" | "no"'

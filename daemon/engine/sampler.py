@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,19 +36,21 @@ class Sampler:
 
     llama.cpp's `llama_sampler_sample` first copies the whole logits row into an array of
     (id, logit, p) — 262,144 entries for Gemma 3 — which costs 1–2 ms a token, more than 10 % of a
-    decode step of a small model. Two exact shortcuts avoid it when nothing needs the full row (no
-    repeat penalty): at temperature 0 the answer is the row's argmax (first maximum, as llama.cpp's
-    greedy picks); otherwise the top-k tokens are found with one vectorised pass (every token
-    within a margin of the maximum, widened until at least k pass) and, sorted as llama.cpp's
-    top-k leaves them, handed to the rest of the same chain (top-p, min-p, temperature, seeded
-    dist). The chain then sees exactly the candidates it would have seen.
+    decode step of a small model (its repeat penalty then looks every entry up in a hash map). Two
+    exact shortcuts avoid it unless top-k is off: at temperature 0 without a penalty the answer is
+    the row's argmax (first maximum, as llama.cpp's greedy picks); otherwise the best candidates
+    are found with one vectorised pass (every token within a margin of the maximum, widened until
+    enough pass) and, sorted as llama.cpp's top-k leaves them, handed to the same chain: the top k
+    (1 at temperature 0), or under a repeat penalty, which changes only the logits of the last 64
+    tokens, the best k + 64 with those 64, which hold the chain's top k after the penalty. The chain
+    then picks exactly what it would have picked from the whole row.
 
     A grammar would cost far more if applied to the whole row for every token (hundreds of ms on
     this vocabulary): the token is sampled as usual and checked against the grammar alone; only
     when the grammar refuses it are the candidates checked, best first, in chunks of 32, 256, 2048…
     (only those ranks are ever sorted), until enough allowed ones are found (one at temperature 0,
-    k otherwise; 64 more under a repeat penalty, which can only lower logits), and the chain picks among
-    those — what llama.cpp's own common sampler does. At temperature 0 that gives the tokens the
+    k otherwise; under a repeat penalty 64 more, and the allowed ones of the penalised tokens), and
+    the chain picks among those — what llama.cpp's own common sampler does. At temperature 0 that gives the tokens the
     grammar applied to the whole row gives (tested). When sampling, the search stops once it holds
     every allowed token that min-p could keep (those within ln(1/min_p) of the best allowed one):
     the chain then chooses among the same tokens, with top-p's normalisation missing only the tokens
@@ -71,20 +74,25 @@ class Sampler:
             self._grammar = lib.llama_sampler_init_grammar(llama.vocab, params.grammar.encode(), b"root")
             if not self._grammar:
                 raise LlamaError("the grammar could not be parsed (see the llama_cpp.log lines)")
-        full_row = params.repeat_penalty != 1.0 or params.top_k <= 0
-        self._greedy = params.temperature <= 0 and not full_row
-        self._top_k = 0 if full_row or params.temperature <= 0 else min(params.top_k, self._n_vocab)
-        # Allowed candidates a refused draw must find: the repeat penalty (last 64 tokens) can only
-        # lower a logit, so top_k + 64 of them still hold the chain's top_k after it.
+        full_row = params.top_k <= 0
+        # The repeat penalty changes the logits of the last 64 tokens only: those, with the best
+        # top_k + 64 (1 + 64 at temperature 0), hold whatever the chain picks after it.
         penalised = _PENALTY_LAST_N if params.repeat_penalty != 1.0 else 0
-        if params.top_k <= 0:
+        self._recent: deque[int] | None = deque(history[-penalised:], maxlen=penalised) if penalised else None
+        self._greedy = params.temperature <= 0 and not full_row and not penalised
+        if full_row:
             self._needed = self._n_vocab
         else:
             self._needed = (1 if params.temperature <= 0 else params.top_k) + penalised
+        # The candidates handed to the chain instead of the whole row (0: the whole row).
+        self._top_k = 0 if full_row or self._greedy else min(self._needed, self._n_vocab)
         # min-p drops every token this many nats below the best allowed one: candidates further down
-        # cannot be chosen, so the search for allowed ones may stop above them.
+        # cannot be chosen, so the search for allowed ones may stop above them (not under a penalty,
+        # which may lower the best one).
         self._min_p_nats = (
-            -math.log(params.min_p) if 0 < params.min_p < 1 and params.temperature > 0 and not full_row else None
+            -math.log(params.min_p)
+            if 0 < params.min_p < 1 and params.temperature > 0 and not full_row and not penalised
+            else None
         )
         self._full_row = full_row
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
@@ -96,7 +104,7 @@ class Sampler:
         if params.temperature <= 0:
             parts.append(lib.llama_sampler_init_greedy())
         else:
-            if not self._top_k:  # the fast path does top-k itself
+            if not self._top_k or penalised:  # without a penalty, the candidates are the top-k already
                 parts.append(lib.llama_sampler_init_top_k(params.top_k))
             parts.append(lib.llama_sampler_init_top_p(params.top_p, 1))
             parts.append(lib.llama_sampler_init_min_p(params.min_p, 1))
@@ -138,8 +146,17 @@ class Sampler:
 
     def _sample_top_k(self, index: int) -> int:
         row = self._row(index)
-        chosen = grammar_search.ranked(row, 0, self._top_k)
+        chosen = self._with_recent(row, grammar_search.ranked(row, 0, self._top_k))
         return self._apply_chain(chosen, row[chosen])
+
+    def _with_recent(self, row: Any, ids: Any, allows: Any = None) -> Any:
+        """Under a repeat penalty: `ids` and the penalised tokens (those `allows`), best first."""
+        if self._recent is None or not self._recent:
+            return ids
+        recent = np.fromiter(self._recent, dtype=np.int64)
+        if allows is not None:
+            recent = allows(recent)
+        return grammar_search.best_first(row, np.union1d(ids, recent))
 
     def _candidates(self, ids: Any, logits: Any, *, best_first: bool) -> tuple[Any, Any]:
         """`ids` with their logits as llama.cpp's candidate array, and the buffer it points into
@@ -155,6 +172,8 @@ class Sampler:
         self._lib.llama_sampler_apply(self._chain, ctypes.byref(array))
         token = int(data["id"][array.selected])
         self._lib.llama_sampler_accept(self._chain, token)
+        if self._recent is not None:
+            self._recent.append(token)
         return token
 
     def _allowed(self, token: int) -> bool:
@@ -198,6 +217,7 @@ class Sampler:
         chosen = grammar_search.best_first(row, chosen)[: self._needed]
         if nats is not None:  # what min-p keeps, however far the search went
             chosen = chosen[row[chosen] >= float(row[chosen[0]]) - nats]
+        chosen = self._with_recent(row, chosen, allows)
         return self._apply_chain(chosen, row[chosen])
 
     def _allowed_classes(self) -> tuple[Any, Any]:
