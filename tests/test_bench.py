@@ -166,6 +166,16 @@ LLAMA_BENCH_JSON = """\
     "build_commit": "unknown", "model_filename": "gemma-3-270m-q4_k_m.gguf", "n_threads": 2,
     "n_prompt": 0, "n_gen": 128, "n_depth": 0, "avg_ns": 1758000000, "stddev_ns": 2000000,
     "avg_ts": 72.8, "stddev_ts": 0.4, "samples_ns": [1755000000, 1761000000], "samples_ts": [73.1, 72.5]
+  },
+  {
+    "build_commit": "unknown", "model_filename": "gemma-3-270m-q4_k_m.gguf", "n_threads": 2,
+    "n_prompt": 128, "n_gen": 0, "n_depth": 128, "avg_ns": 203000000, "stddev_ns": 1000000,
+    "avg_ts": 630.5, "stddev_ts": 3.2, "samples_ns": [202000000, 204000000], "samples_ts": [633.0, 628.0]
+  },
+  {
+    "build_commit": "unknown", "model_filename": "gemma-3-270m-q4_k_m.gguf", "n_threads": 2,
+    "n_prompt": 0, "n_gen": 128, "n_depth": 128, "avg_ns": 1798000000, "stddev_ns": 2000000,
+    "avg_ts": 71.2, "stddev_ts": 0.4, "samples_ns": [1795000000, 1801000000], "samples_ts": [71.4, 71.0]
   }
 ]
 """
@@ -174,7 +184,8 @@ LLAMA_BENCH_JSON = """\
 def test_parse_llama_bench() -> None:
     result = contenders.parse_llama_bench("load_backend: loaded CPU backend\n" + LLAMA_BENCH_JSON)
     assert result.pp == [665.3, 658.9]
-    assert result.tg == [73.1, 72.5]
+    assert result.tg == [73.1, 72.5]  # from an empty context
+    assert result.tg_deep == [71.4, 71.0]  # after -d 128
     with pytest.raises(BenchError):
         contenders.parse_llama_bench("error: failed to load model")
 
@@ -215,8 +226,9 @@ def test_prompts_are_long_enough_and_part_at_the_first_word() -> None:
     assert prompts.system_prompt("r0-a", 300, _count) == a  # the same tag gives the same text
     assert prompts.with_question(a, 0) != prompts.with_question(a, 1)
     assert prompts.with_question(a, 0).startswith(a)
-    story = prompts.story("x", 50, _count)
-    assert _count(story) >= 50 and story.endswith("there was a little")
+    for target in (50, 51, 128, 300):  # exactly: llama-bench's -p is an exact length
+        story = prompts.story(f"x{target}", target, _count)
+        assert _count(story) == target and story.endswith("there was a little"), story
 
 
 def _results(values: dict[str, list[float]]) -> Results:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +70,16 @@ def aggregate_tps(traces: Sequence[Trace]) -> float | None:
 @dataclass(frozen=True)
 class LlamaBenchResult:
     pp: list[float]  # prompt tok/s, one per repetition
-    tg: list[float]  # decode tok/s, one per repetition
+    tg: list[float]  # decode tok/s from an empty context, one per repetition
+    # decode tok/s after `depth` tokens already in the context (`-d`): what a server decodes after
+    # the prompt it has just evaluated
+    tg_deep: list[float] = field(default_factory=list)
 
 
 def parse_llama_bench(output: str) -> LlamaBenchResult:
     """`llama-bench -o json` output: a JSON array of tests, `n_prompt` xor `n_gen` set, with
-    `samples_ts` (one rate per repetition) and `avg_ts`."""
+    `n_depth` (tokens in the context before the test), `samples_ts` (one rate per repetition) and
+    `avg_ts`."""
     start, end = output.find("["), output.rfind("]")
     if start < 0 or end < start:
         raise BenchError(f"llama-bench printed no JSON array: {output[-300:]!r}")
@@ -85,19 +89,26 @@ def parse_llama_bench(output: str) -> LlamaBenchResult:
         raise BenchError(f"llama-bench printed unreadable JSON: {exc}") from exc
     pp: list[float] = []
     tg: list[float] = []
+    tg_deep: list[float] = []
     for test in tests:
         samples = [float(x) for x in test.get("samples_ts") or [test["avg_ts"]]]
+        deep = int(test.get("n_depth", 0)) > 0
         if int(test.get("n_prompt", 0)) > 0 and int(test.get("n_gen", 0)) == 0:
-            pp += samples
+            if not deep:
+                pp += samples
         elif int(test.get("n_gen", 0)) > 0 and int(test.get("n_prompt", 0)) == 0:
-            tg += samples
+            (tg_deep if deep else tg).extend(samples)
     if not pp or not tg:
         raise BenchError("llama-bench output lacks a pp or a tg test")
-    return LlamaBenchResult(pp, tg)
+    return LlamaBenchResult(pp, tg, tg_deep)
 
 
-def llama_bench(binary: Path, model: Path, threads: int, pp: int, tg: int, n_batch: int, reps: int) -> LlamaBenchResult:
+def llama_bench(
+    binary: Path, model: Path, threads: int, pp: int, tg: int, n_batch: int, reps: int, depth: int = 0
+) -> LlamaBenchResult:
+    """pp and tg from an empty context; with `depth`, tg also after that many tokens."""
     argv = [str(binary), "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
+            *(["-d", f"0,{depth}"] if depth else []),
             "-b", str(n_batch), "-ub", str(n_batch), "-r", str(reps), "-o", "json"]
     return parse_llama_bench(run_tool(argv, timeout=900))
 

@@ -100,6 +100,9 @@ def checks(o: Options) -> list[Check]:
         Check(SINGLE, f"decode, bare llama-cpp-python vs {tg}", "bare.decode", "llama_bench.tg", RATIO),
         Check(SINGLE, f"prompt, bare llama-cpp-python vs {pp}", "bare.prompt", "llama_bench.pp", RATIO),
         Check(SINGLE, f"decode, llama-server vs {tg}", "llama_server.decode", "llama_bench.tg", RATIO),
+        # Like for like: the daemon decodes after the pp-token prompt; tg above starts from nothing.
+        Check(SINGLE, f"decode, socket vs {tg} @ d{o.pp} (same context depth)", "socket.decode",
+              "llama_bench.tg_deep", RATIO),
     ]
     for mode in ("greedy", "sampled"):
         out.append(Check(CONSTRAINED, f"decode with a JSON schema vs without, same prompt ({mode})",

@@ -187,11 +187,15 @@ class Runner:
     def _llama_bench_round(self, r: int) -> None:
         o = self.o
         assert o.llama_bench is not None
-        result = llama_bench(o.llama_bench, self.place.model, o.threads, o.pp, o.tg, o.n_batch, max(o.reps, 1))
+        result = llama_bench(o.llama_bench, self.place.model, o.threads, o.pp, o.tg, o.n_batch, max(o.reps, 1),
+                             depth=o.pp)
         for value in result.pp:
             self.results.add("llama_bench.pp", value, f"llama-bench pp{o.pp}", "tok/s", "llama-bench")
         for value in result.tg:
             self.results.add("llama_bench.tg", value, f"llama-bench tg{o.tg}", "tok/s", "llama-bench")
+        for value in result.tg_deep:
+            self.results.add("llama_bench.tg_deep", value, f"llama-bench tg{o.tg} @ d{o.pp}", "tok/s", "llama-bench",
+                             note=f"decode after {o.pp} tokens in the context, as the daemon decodes after its prompt")
 
     # --- constrained output -------------------------------------------------------------------
 
