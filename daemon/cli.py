@@ -300,10 +300,12 @@ def _engine_rows(engine: dict[str, Any]) -> list[tuple[str, str]]:
     streams = f"{running}/{engine.get('parallel')} streams running"
     if running > 1 and batch.get("width"):
         streams += f", {batch['width']} per step"
-    rows = [("engine", f"{streams}, {len(engine.get('suspended') or [])} suspended, "
-             f"{engine.get('n_threads')} threads")]
-    rows.append(("kv cache", f"{engine.get('kv_type')}, {(engine.get('kv_bytes') or 0) / 1e6:.0f} MB, "
-                 f"{engine.get('kv_cells_reserved', 0)}/{engine.get('kv_cells', 0)} cells reserved"))
+    threads = engine.get("n_threads")
+    rows = [("engine", f"{streams}, {len(engine.get('suspended') or [])} suspended"
+             + (f", {threads} threads" if threads else ", model not loaded"))]
+    if engine.get("kv_type"):
+        rows.append(("kv cache", f"{engine['kv_type']}, {(engine.get('kv_bytes') or 0) / 1e6:.0f} MB, "
+                     f"{engine.get('kv_cells_reserved', 0)}/{engine.get('kv_cells', 0)} cells reserved"))
     cache = engine.get("prefix_cache") or {}
     if cache:
         rows.append(("prefix cache", f"{cache.get('entries', 0)} entries, {(cache.get('bytes') or 0) / 1e6:.0f} MB, "

@@ -300,6 +300,15 @@ def test_prefix_cache_reuses_shared_system_prompt(shared_daemon: DaemonProcess) 
     assert first["usage"]["prompt_tokens"] - second["usage"]["prompt_tokens"] in range(-3, 4)
 
 
+def test_a_prompt_sharing_only_a_few_tokens_with_a_saved_one_is_evaluated_whole(shared_daemon: DaemonProcess) -> None:
+    """Every raw prompt shares its BOS token (here also "The") with the saved prefixes: restoring a
+    saved state for so few tokens costs more than evaluating them, so nothing is reused."""
+    with shared_daemon.client() as c:
+        c.call({"prompt": "The kitchen light is on and the front door is open. " * 4, "raw": True, "max_tokens": 2})
+        other = c.call({"prompt": "The garden hose is", "raw": True, "max_tokens": 2})
+    assert other["event"] == "done" and other["timings"]["cached_tokens"] == 0, other
+
+
 # --- daemons of their own ------------------------------------------------------------------
 
 

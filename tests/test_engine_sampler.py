@@ -127,22 +127,32 @@ room ::= "\"kitchen\"" | "\"hall\"" | "\"garden\""
 ws ::= [ \t\n]*'''
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
 @pytest.mark.parametrize("grammar", [YES_NO, OBJECT])
-def test_grammar_at_temperature_0_picks_what_the_grammar_over_the_whole_row_picks(llama: Llama, grammar: str) -> None:
+def test_grammar_at_temperature_0_picks_what_the_grammar_over_the_whole_row_picks(
+    llama: Llama, grammar: str, penalty: float
+) -> None:
     """Sample, check the one token, widen only when refused: at temperature 0 exactly the tokens of
-    llama.cpp's chain with the grammar applied to all 262,144 candidates first."""
-    params = SamplerParams(0.0, 40, 0.95, 0.05, 1.0, 1, grammar=grammar)
+    llama.cpp's chain with the grammar applied to all 262,144 candidates first (after the repeat
+    penalty, which must see only the tokens of the text, never a refused draw)."""
+    params = SamplerParams(0.0, 40, 0.95, 0.05, penalty, 1, grammar=grammar)
     lib = llama._lib
-    reference = llama.sampler(params, [])
+    prompt = b"Turn on the light in the kitchen. JSON:"
+    history = llama.tokenize(prompt, add_bos=True, special=False)
+    reference = llama.sampler(params, history)
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    if penalty != 1.0:
+        penalties = lib.llama_sampler_init_penalties(int(lib.llama_vocab_n_tokens(llama.vocab)), 64, penalty, 0.0, 0.0)
+        for token in history[-64:]:
+            lib.llama_sampler_accept(penalties, token)
+        lib.llama_sampler_chain_add(chain, penalties)
     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_grammar(llama.vocab, grammar.encode(), b"root"))
     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
     lib.llama_sampler_free(reference._chain)
     lib.llama_sampler_free(reference._grammar)
-    reference._chain, reference._grammar, reference._greedy = chain, None, False
-    prompt = b"Turn on the light in the kitchen. JSON:"
-    n = 3 if grammar == YES_NO else 14
-    fast = generate(llama, llama.sampler(params, []), prompt, n=n)
+    reference._chain, reference._grammar, reference._greedy, reference._top_k = chain, None, False, 0
+    n = 3 if grammar == YES_NO else 24
+    fast = generate(llama, llama.sampler(params, history), prompt, n=n)
     slow = generate(llama, reference, prompt, n=n)
     text = b"".join(llama.piece(t) for t in fast if not llama.is_eog(t))
     assert fast[: len(slow)] == slow
@@ -170,9 +180,9 @@ def test_a_refused_draw_finds_the_allowed_candidates_the_whole_row_holds(
     original_pick, original_chain = sampler._pick_allowed, sampler._apply_chain
     handed: list[list[int]] = []
 
-    def capture(ids: Any, logits: Any) -> int:
+    def capture(ids: Any, logits: Any, **kwargs: Any) -> int:
         handed.append([int(i) for i in ids])
-        return original_chain(ids, logits)
+        return original_chain(ids, logits, **kwargs)
 
     def pick_allowed(index: int) -> int:
         row = sampler._row(index)

@@ -43,7 +43,9 @@ class Sampler:
     enough pass) and, sorted as llama.cpp's top-k leaves them, handed to the same chain: the top k
     (1 at temperature 0), or under a repeat penalty, which changes only the logits of the last 64
     tokens, the best k + 64 with those 64, which hold the chain's top k after the penalty. The chain
-    then picks exactly what it would have picked from the whole row.
+    then picks what it would have picked from the whole row (exact ties of logits aside: their
+    order can differ). A draw the grammar may refuse is accepted into the chain only once allowed,
+    so the penalty's window holds the text's tokens alone.
 
     A grammar would cost far more if applied to the whole row for every token (hundreds of ms on
     this vocabulary): the token is sampled as usual and checked against the grammar alone; only
@@ -125,29 +127,31 @@ class Sampler:
         if self._grammar is None:
             return self._pick(index)
         if not self._full_row:
-            token = self._pick(index)
+            # Not accepted into the chain yet: a refused draw must not enter the penalty's window.
+            token = self._pick(index, accept=False)
             if self._allowed(token):
+                self._accept(token)
                 self._accept_grammar(token)
                 return token
         token = self._pick_allowed(index)
         self._accept_grammar(token)
         return token
 
-    def _pick(self, index: int) -> int:
+    def _pick(self, index: int, *, accept: bool = True) -> int:
         if self._greedy:
-            return int(self._row(index).argmax())
+            return int(self._row(index).argmax())  # greedy alone keeps nothing to accept
         if self._top_k:
-            return self._sample_top_k(index)
-        return int(self._lib.llama_sampler_sample(self._chain, self._ctx, index))
+            return self._sample_top_k(index, accept)
+        return int(self._lib.llama_sampler_sample(self._chain, self._ctx, index))  # accepts itself
 
     def _row(self, index: int) -> Any:
         pointer = self._lib.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
-    def _sample_top_k(self, index: int) -> int:
+    def _sample_top_k(self, index: int, accept: bool) -> int:
         row = self._row(index)
         chosen = self._with_recent(row, grammar_search.ranked(row, 0, self._top_k))
-        return self._apply_chain(chosen, row[chosen])
+        return self._apply_chain(chosen, row[chosen], accept=accept)
 
     def _with_recent(self, row: Any, ids: Any, allows: Any = None) -> Any:
         """Under a repeat penalty: `ids` and the penalised tokens (those `allows`), best first."""
@@ -166,15 +170,21 @@ class Sampler:
         pointer = data.ctypes.data_as(ctypes.POINTER(self._lib.llama_token_data))
         return data, self._lib.llama_token_data_array(data=pointer, size=len(ids), selected=-1, sorted=best_first)
 
-    def _apply_chain(self, ids: Any, logits: Any) -> int:
-        """The chain over these candidates (best first); the chosen token is accepted into it."""
+    def _apply_chain(self, ids: Any, logits: Any, *, accept: bool = True) -> int:
+        """The chain over these candidates (best first); the chosen token is accepted into it
+        unless the caller accepts it later."""
         data, array = self._candidates(ids, logits, best_first=True)
         self._lib.llama_sampler_apply(self._chain, ctypes.byref(array))
         token = int(data["id"][array.selected])
+        if accept:
+            self._accept(token)
+        return token
+
+    def _accept(self, token: int) -> None:
+        """`token` is in the text now: the repeat penalty's window (llama.cpp's and ours) holds it."""
         self._lib.llama_sampler_accept(self._chain, token)
         if self._recent is not None:
             self._recent.append(token)
-        return token
 
     def _allowed(self, token: int) -> bool:
         one = self._one
