@@ -231,8 +231,8 @@ def table(results: Results, verdicts: Sequence[Verdict]) -> str:
         f"{opts.get('threads')} threads, seed {opts.get('seed')}, n_ctx {opts.get('n_ctx')}, "
         f"{opts.get('rounds')} rounds{' (quick)' if opts.get('quick') else ''}"
         + (f" — {meta['label']}" if meta.get("label") else ""),
-        f"single stream: prompt ~{opts.get('pp')} tokens, {opts.get('tg')}-token answers, {opts.get('reps')} per "
-        f"contender per round; concurrency: ~{opts.get('agg_prompt')}-token prompts, {opts.get('agg_tokens')}-token "
+        f"single stream: prompt {opts.get('pp')} tokens, {opts.get('tg')}-token answers, {opts.get('reps')} per "
+        f"contender per round; concurrency: {opts.get('agg_prompt')}-token prompts, {opts.get('agg_tokens')}-token "
         f"answers; prefix: ~{meta.get('system_prompt_tokens', opts.get('system_tokens'))}-token system prompt; "
         f"main daemon engine.parallel = {opts.get('parallel')}",
     ]
