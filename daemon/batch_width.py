@@ -55,7 +55,7 @@ class BatchWidth:
 
     def width(self, decoding: int) -> int:
         """How many of `decoding` streams decode in the next (prompt-free) step."""
-        self._refresh = None  # a re-timing whose step never got recorded (aborted) is void
+        self._refresh = None  # a re-timing whose step was never recorded (KV full, a failure) is void
         if not self.adaptive or decoding <= 1:
             return decoding
         if decoding not in self._timings:

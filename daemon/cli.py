@@ -294,7 +294,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _engine_rows(engine: dict[str, Any]) -> list[tuple[str, str]]:
+def _engine_rows(engine: dict[str, Any], *, loaded: bool) -> list[tuple[str, str]]:
     batch = engine.get("batch") or {}
     running = len(engine.get("running") or [])
     streams = f"{running}/{engine.get('parallel')} streams running"
@@ -302,8 +302,8 @@ def _engine_rows(engine: dict[str, Any]) -> list[tuple[str, str]]:
         streams += f", {batch['width']} per step"
     threads = engine.get("n_threads")
     rows = [("engine", f"{streams}, {len(engine.get('suspended') or [])} suspended"
-             + (f", {threads} threads" if threads else ", model not loaded"))]
-    if engine.get("kv_type"):
+             + (f", {threads} threads" if loaded and threads else ", model not loaded"))]
+    if loaded and engine.get("kv_type"):
         rows.append(("kv cache", f"{engine['kv_type']}, {(engine.get('kv_bytes') or 0) / 1e6:.0f} MB, "
                      f"{engine.get('kv_cells_reserved', 0)}/{engine.get('kv_cells', 0)} cells reserved"))
     cache = engine.get("prefix_cache") or {}
@@ -333,7 +333,7 @@ def format_status(status: dict[str, Any]) -> str:
                  f"{requests.get('cancelled', 0)} cancelled, {requests.get('error', 0)} errors"))
     engine = status.get("engine")
     if isinstance(engine, dict):
-        rows.extend(_engine_rows(engine))
+        rows.extend(_engine_rows(engine, loaded=bool(model)))
     tps = status.get("last_tokens_per_second")
     rows.append(("last speed", "-" if tps is None else f"{tps:.1f} tokens/s"))
     governor = status.get("governor")

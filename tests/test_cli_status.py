@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.cli import format_status
 from tests.helpers import REPO
 
 
@@ -126,3 +127,16 @@ def test_ask_against_a_daemon_that_closes_early(fake: Callable[[Callable[[socket
     done = run_cli("ask", "hi", "--socket", str(fake(read_then_close)), "--timeout", "5")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "connection closed by the daemon" in done.stderr
+
+
+def test_status_table_shows_the_engine_and_says_when_no_model_is_loaded() -> None:
+    engine = {"parallel": 4, "running": ["a", "b"], "suspended": [], "n_threads": 2, "kv_type": "f16",
+              "kv_bytes": 37_748_736, "kv_cells": 2048, "kv_cells_reserved": 300,
+              "batch": {"adaptive": True, "width": 1, "tokens_per_second": {"1": 88.0, "2": 64.0}},
+              "prefix_cache": {"entries": 3, "bytes": 12_000_000, "hits": 5, "misses": 2}}
+    loaded = format_status({"state": "busy", "model": {"name": "m", "size_bytes": 1}, "engine": engine})
+    assert "2/4 streams running, 1 per step, 0 suspended, 2 threads" in loaded
+    assert "f16, 38 MB, 300/2048 cells reserved" in loaded and "3 entries, 12 MB, 5 hits, 2 misses" in loaded
+    idle = format_status({"state": "idle", "model": None, "engine": {**engine, "running": []}})
+    assert "0/4 streams running, 0 suspended, model not loaded" in idle
+    assert "cells reserved" not in idle  # no KV cache is allocated while unloaded

@@ -152,7 +152,10 @@ def test_grammar_at_temperature_0_picks_what_the_grammar_over_the_whole_row_pick
     lib.llama_sampler_free(reference._grammar)
     reference._chain, reference._grammar, reference._greedy, reference._top_k = chain, None, False, 0
     n = 3 if grammar == YES_NO else 24
-    fast = generate(llama, llama.sampler(params, history), prompt, n=n)
+    sampler = llama.sampler(params, history)
+    fast = generate(llama, sampler, prompt, n=n)
+    if penalty != 1.0:  # the penalty's window holds the text's tokens alone, never a refused draw
+        assert sampler._recent is not None and list(sampler._recent) == (history + fast)[-64:]
     slow = generate(llama, reference, prompt, n=n)
     text = b"".join(llama.piece(t) for t in fast if not llama.is_eog(t))
     assert fast[: len(slow)] == slow

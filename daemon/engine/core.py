@@ -360,23 +360,25 @@ class Engine:
                 source, from_stream = other, n
         entry, from_cache = self.cache.best(tokens)
         from_stream, from_cache = min(from_stream, limit), min(from_cache, limit)
+        if from_cache < MIN_RESTORED_PREFIX:
+            entry, from_cache = None, 0  # before the comparison: a running stream's share stays free
         assert stream.seq is not None
         if source is not None and from_stream >= from_cache and from_stream > 0:
             assert source.seq is not None
             llama.seq_cp(source.seq, stream.seq, 0, from_stream)
             return from_stream
-        if from_cache < MIN_RESTORED_PREFIX:
-            entry = None
         state = self.cache.state_of(entry) if entry is not None else None
-        self.cache.record(entry if state is not None else None)
         if entry is None or state is None:
+            self.cache.record(None)
             return 0
         try:
             llama.state_set(stream.seq, state)
         except LlamaError as exc:
             log.warning("prefix_cache.restore_failed", error=str(exc), tokens=len(entry.tokens))
             self.cache.drop(entry)
+            self.cache.record(None)
             return 0
+        self.cache.record(entry)
         llama.seq_rm(stream.seq, from_cache, -1)
         return from_cache
 
