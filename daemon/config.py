@@ -244,6 +244,8 @@ class MqttConfig:
     keepalive_s: int = field(default=30, metadata=_meta(min=1, max=65535))
     session_expiry_s: int = field(default=86400, metadata=_meta(min=0, max=MAX_UINT32))
     status_interval_s: float = field(default=60.0, metadata=_meta(min=1.0, max=86400.0))
+    # Streaming: at most one `token` event per request this often, each with the text since the last.
+    token_interval_ms: int = field(default=0, metadata=_meta(min=0, max=1000))
     max_payload_bytes: int = field(default=262144, metadata=_meta(min=1024, max=268435455))
     offline_buffer: int = field(default=1000, metadata=_meta(min=0, max=1_000_000))
     journal_max_entries: int = field(default=10000, metadata=_meta(min=1, max=10_000_000))

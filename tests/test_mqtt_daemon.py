@@ -169,6 +169,37 @@ def test_streaming_tokens_in_order_with_seq_then_done(daemon: DaemonProcess, bro
     assert tokens == events[-1]["text"]
 
 
+def test_token_interval_merges_the_stream_into_fewer_events_in_order(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    """`mqtt.token_interval_ms`: at most one `token` event per interval, each with the text since the
+    last; the first at once, the held text before `done`, `seq` without gaps, nothing lost."""
+    overrides = {"mqtt": {"token_interval_ms": 150, "homeassistant": {"enabled": False}}}  # no retained discovery
+    daemon = start_daemon(tmp_path / "paced", gemma_path, broker, "paced", overrides)
+    rid = new_id("paced")
+    try:
+        with Probe(broker, ["client/paced"]) as probe:
+            probe.publish(
+                "edgellm/paced/request",
+                {"id": rid, "prompt": ONCE, "raw": True, "max_tokens": 40, "stream": True, "temperature": 0},
+                response_topic="client/paced",
+            )
+            done = probe.wait_final(rid)
+            events = probe.events(rid)
+        with daemon.client() as c:
+            solo = list(c.request({"prompt": ONCE, "raw": True, "max_tokens": 40, "stream": True, "temperature": 0}))
+    finally:
+        daemon.stop()
+    tokens = [e for e in events if e["event"] == "token"]
+    assert done["event"] == "done" and done["usage"]["completion_tokens"] == 40, done
+    assert 2 <= len(tokens) < 20, [t["text"] for t in tokens]  # 40 tokens in well under 40 events
+    assert "".join(t["text"] for t in tokens) == done["text"]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    # The first event is the first token alone (sent at once); the socket streams every token.
+    socket_tokens = [e["text"] for e in solo if e["event"] == "token"]
+    assert tokens[0]["text"] == socket_tokens[0] and len(socket_tokens) == 40
+
+
 def test_bad_payloads_get_structured_errors_and_the_daemon_keeps_serving(
     daemon: DaemonProcess, broker: MosquittoBroker
 ) -> None:

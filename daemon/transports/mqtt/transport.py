@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
-from daemon.protocol import DEFAULT_LIMITS, Code, EdgeError, ErrorEvent, Event, Limits, Origin
+from daemon.protocol import DEFAULT_LIMITS, Code, EdgeError, ErrorEvent, Event, Limits, Origin, TokenEvent
 from daemon.transports.mqtt import homeassistant
 from daemon.transports.mqtt.client import (
     ClientItem,
@@ -66,6 +66,7 @@ from daemon.transports.mqtt.ledger import Ack, Command, Delivery, Entry, Ledger,
 from daemon.transports.mqtt.presence import Message, Presence
 from daemon.transports.mqtt.store import AnswerStore
 from daemon.transports.mqtt.tasks import TaskDoor
+from daemon.transports.mqtt.token_pacing import TokenPacing
 from daemon.transports.mqtt.topics import (
     Accepted,
     Route,
@@ -111,6 +112,7 @@ _LIVE_KEYS = frozenset(
     {
         "enabled", "status_interval_s", "max_payload_bytes", "offline_buffer", "journal_max_entries",
         "journal_max_age_s", "reconnect_min_s", "reconnect_max_s", "fleet", "homeassistant", "allow_reply_to",
+        "token_interval_ms",
     }
 )
 
@@ -205,6 +207,7 @@ class MqttTransport:
         self.counters = _Counters()
         # Dispatcher-owned state.
         self.ledger = Ledger(cfg.offline_buffer)
+        self.tokens: TokenPacing[Entry] = TokenPacing(cfg.token_interval_ms / 1000)
         self.fleet = Fleet()
         self.presence = Presence(
             self.topics, version=version, model_name=model_name, status_interval_s=cfg.status_interval_s,
@@ -445,6 +448,8 @@ class MqttTransport:
         elif isinstance(item, Disconnected):
             self._on_disconnected(item.reason)
         now = self._clock()
+        for entry, held in self.tokens.due(now):
+            self._run(self.ledger.event(entry, held))
         self._fleet_run(self.fleet.tick(now))
         if self._journal_retry_at is not None and now >= self._journal_retry_at:
             self._journal_retry_at = None
@@ -456,7 +461,7 @@ class MqttTransport:
     def _next_tick_in(self) -> float:
         now = self._clock()
         due = now + self.presence.next_due_in(now)
-        for other in (self.fleet.next_due(), self._journal_retry_at, self.task_door.next_due()):
+        for other in (self.fleet.next_due(), self._journal_retry_at, self.task_door.next_due(), self.tokens.next_due()):
             due = due if other is None else min(due, other)
         return max(0.05, min(due - now, self.cfg.status_interval_s))
 
@@ -797,6 +802,14 @@ class MqttTransport:
     # --- events from the backend --------------------------------------------------------------
 
     def _on_event(self, entry: Entry, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            paced = self.tokens.token(entry, event, self._clock())
+            if paced is not None:
+                self._run(self.ledger.event(entry, paced))
+            return
+        held = self.tokens.take(entry, final=event.final)  # the text held back goes out first
+        if held is not None:
+            self._run(self.ledger.event(entry, held))
         source = self._sources.pop(entry, None) if event.final else None
         if entry.finalized or not isinstance(event, ErrorEvent) or not event.final:
             self._run(self.ledger.event(entry, event))
@@ -890,6 +903,7 @@ class MqttTransport:
             return
         self.cfg = cfg
         self.ledger.offline_buffer = cfg.offline_buffer
+        self.tokens.interval_s = cfg.token_interval_ms / 1000
         self.presence.status_interval_s = cfg.status_interval_s
         if self._client is not None:
             self._client.set_backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
