@@ -28,9 +28,9 @@ def test_a_held_text_goes_out_on_the_tick_when_the_stream_stalls_and_before_the_
     assert [(k, e.text) for k, e in pacing.due(0.05)] == [("a", " upon")]
     assert pacing.next_due() is None and pacing.due(1.0) == []
     assert pacing.token("a", _t(" a"), 0.06) is None
-    held = pacing.take("a", final=True)  # the done event comes: the held text first
+    held = pacing.take("a", 0.07, final=True)  # the done event comes: the held text first
     assert held is not None and held.text == " a"
-    assert len(pacing) == 0 and pacing.take("a", final=True) is None
+    assert len(pacing) == 0 and pacing.take("a", 0.08, final=True) is None
 
 
 def test_streams_are_paced_apart_and_the_concatenation_is_kept() -> None:
@@ -43,7 +43,7 @@ def test_streams_are_paced_apart_and_the_concatenation_is_kept() -> None:
             if event is not None:
                 out[key].append(event.text)
     for key in out:
-        tail = pacing.take(key, final=True)
+        tail = pacing.take(key, 1.0, final=True)
         out[key] += [tail.text] if tail is not None else []
         assert "".join(out[key]) == "".join(words)
         assert len(out[key]) <= 1 + 40 * 0.011 / 0.05 + 1  # about one per interval, not one per token

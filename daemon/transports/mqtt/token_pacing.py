@@ -3,10 +3,10 @@
 
 Every published token costs the dispatcher, paho's network thread, the broker and the subscriber
 a wake-up and a packet, on the same few cores that decode: measured on a 2-core VM, streaming
-over MQTT decoded 4 % slower than the same requests without `stream` (38.4 against 40.0 tok/s),
-where the Unix socket lost 2 %. Off by default (0: one event per token, as before); 50 ms is below
-what a reader or a speech pipeline notices, and at 20-90 tokens a second sends one event for every
-1-5 tokens.
+over MQTT decoded 4 % slower than the same requests without `stream` (38.4 against 40.0 tok/s,
+same daemon, alternating), where the Unix socket lost 2 % (39.3). Off by default (0: one event
+per token, as before); 50 ms is below what a reader or a speech pipeline notices, and at 20-90
+tokens a second sends one event for every 1-5 tokens.
 
 The first token of a request goes out at once (time to first token is untouched); later ones
 within the interval are held and merged. A held text goes out when the next token finds the
@@ -52,13 +52,13 @@ class TokenPacing(Generic[K]):
         stream.held = merged
         return None
 
-    def take(self, key: K, *, final: bool) -> TokenEvent | None:
+    def take(self, key: K, now: float, *, final: bool) -> TokenEvent | None:
         """Before another event of the same request: the held text, to publish first. A final
         event ends the request here too."""
         stream = self._streams.pop(key, None) if final else self._streams.get(key)
         if stream is None or stream.held is None:
             return None
-        held, stream.held = stream.held, None
+        held, stream.held, stream.sent_at = stream.held, None, now
         return held
 
     def due(self, now: float) -> list[tuple[K, TokenEvent]]:

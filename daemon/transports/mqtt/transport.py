@@ -463,7 +463,9 @@ class MqttTransport:
         due = now + self.presence.next_due_in(now)
         for other in (self.fleet.next_due(), self._journal_retry_at, self.task_door.next_due(), self.tokens.next_due()):
             due = due if other is None else min(due, other)
-        return max(0.05, min(due - now, self.cfg.status_interval_s))
+        # The floor keeps an overdue item from spinning the loop; held tokens may be due sooner.
+        floor = 0.005 if self.tokens.next_due() is not None else 0.05
+        return max(floor, min(due - now, self.cfg.status_interval_s))
 
     # --- carrying out the machines' commands --------------------------------------------------
 
@@ -807,7 +809,7 @@ class MqttTransport:
             if paced is not None:
                 self._run(self.ledger.event(entry, paced))
             return
-        held = self.tokens.take(entry, final=event.final)  # the text held back goes out first
+        held = self.tokens.take(entry, self._clock(), final=event.final)  # the held text goes out first
         if held is not None:
             self._run(self.ledger.event(entry, held))
         source = self._sources.pop(entry, None) if event.final else None
@@ -845,6 +847,7 @@ class MqttTransport:
         time) goes back to the fleet now; whatever it emits later is ignored (it is handed off)."""
         for entry in self.ledger.unfinished():
             source = self._sources.pop(entry, None)
+            self.tokens.forget(entry)
             if source is not None:
                 log.info("mqtt.handing_back_unfinished", id=entry.request_id)
                 self._start_handoff(entry, source, hops=source.hops, fallback=None)
