@@ -7,6 +7,7 @@ only on what is guaranteed (the first 16 tokens at temperature 0), never bit for
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -259,3 +260,22 @@ def test_cancel_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Pa
     assert final["usage"]["completion_tokens"] == 0
     assert aborted, "the cancel did not reach into the running llama_decode"
     assert after["event"] == "done"
+
+
+def test_a_reload_that_switches_adaptive_batch_off_takes_effect(tmp_path: Path, gemma_path: Path) -> None:
+    """`engine.adaptive_batch` follows SIGHUP: the swapped-in engine brings its own setting (and
+    fresh step timings), shown in status, and the daemon keeps answering."""
+    cfg = write_config(tmp_path, gemma_path, {"engine": {"parallel": 2}})
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            assert c.call({"prompt": "Once upon a time", "raw": True, "max_tokens": 8})["event"] == "done"
+            batch = c.status()["engine"]["batch"]
+            assert batch["adaptive"] is True and "1" in batch["tokens_per_second"], batch  # timed steps
+        write_config(tmp_path, gemma_path, {"engine": {"parallel": 2, "adaptive_batch": False}})
+        d.signal(signal.SIGHUP)
+        with d.client() as c:
+            status = wait_status(c, lambda s: s["engine"]["batch"]["adaptive"] is False, timeout=60)
+            assert status["engine"]["batch"]["tokens_per_second"] == {}  # timings start afresh
+            done = c.call({"prompt": "Once upon a time", "raw": True, "max_tokens": 4})
+    assert done["event"] == "done", done
