@@ -100,9 +100,9 @@ class BatchWidth:
             self._next_refresh = self._steps + self._interval
 
     def tokens_per_second(self) -> dict[int, float]:
-        """The measured rate of each width (tokens/s), for the log and status (other threads: the
-        timings are copied in one go first)."""
-        return {w: round(w / t.seconds, 1) for w, t in sorted(list(self._timings.items()))}
+        """The measured rate of each width (tokens/s), for the log and status (other threads:
+        `sorted` copies the timings in one go first)."""
+        return {w: round(w / t.seconds, 1) for w, t in sorted(self._timings.items())}
 
     def forget(self) -> None:
         """The thread count changed: what was measured no longer holds."""

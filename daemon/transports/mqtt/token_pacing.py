@@ -31,6 +31,11 @@ class _Stream:
     sent_at: float
     held: TokenEvent | None = None
 
+    def release(self, now: float) -> TokenEvent | None:
+        """What was held goes out now: the interval starts again."""
+        held, self.held, self.sent_at = self.held, None, now
+        return held
+
 
 class TokenPacing(Generic[K]):
     def __init__(self, interval_s: float) -> None:
@@ -45,21 +50,14 @@ class TokenPacing(Generic[K]):
             if self.interval_s > 0:
                 self._streams[key] = _Stream(now)
             return event
-        merged = event if stream.held is None else TokenEvent(event.id, stream.held.text + event.text)
-        if now - stream.sent_at >= self.interval_s:
-            stream.sent_at, stream.held = now, None
-            return merged
-        stream.held = merged
-        return None
+        stream.held = event if stream.held is None else TokenEvent(event.id, stream.held.text + event.text)
+        return stream.release(now) if now - stream.sent_at >= self.interval_s else None
 
     def take(self, key: K, now: float, *, final: bool) -> TokenEvent | None:
         """Before another event of the same request: the held text, to publish first. A final
         event ends the request here too."""
         stream = self._streams.pop(key, None) if final else self._streams.get(key)
-        if stream is None or stream.held is None:
-            return None
-        held, stream.held, stream.sent_at = stream.held, None, now
-        return held
+        return None if stream is None or stream.held is None else stream.release(now)
 
     def due(self, now: float) -> list[tuple[K, TokenEvent]]:
         """Held texts whose interval has passed, to publish now (a stalled stream: paused by the
@@ -68,7 +66,7 @@ class TokenPacing(Generic[K]):
         for key, stream in self._streams.items():
             if stream.held is not None and now - stream.sent_at >= self.interval_s:
                 out.append((key, stream.held))
-                stream.sent_at, stream.held = now, None
+                stream.release(now)
         return out
 
     def next_due(self) -> float | None:

@@ -461,10 +461,11 @@ class MqttTransport:
     def _next_tick_in(self) -> float:
         now = self._clock()
         due = now + self.presence.next_due_in(now)
-        for other in (self.fleet.next_due(), self._journal_retry_at, self.task_door.next_due(), self.tokens.next_due()):
+        tokens_due = self.tokens.next_due()
+        for other in (self.fleet.next_due(), self._journal_retry_at, self.task_door.next_due(), tokens_due):
             due = due if other is None else min(due, other)
         # The floor keeps an overdue item from spinning the loop; held tokens may be due sooner.
-        floor = 0.005 if self.tokens.next_due() is not None else 0.05
+        floor = 0.005 if tokens_due is not None else 0.05
         return max(floor, min(due - now, self.cfg.status_interval_s))
 
     # --- carrying out the machines' commands --------------------------------------------------
