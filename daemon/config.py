@@ -151,6 +151,12 @@ class EngineConfig:
     prefix_cache_disk_mb: int = field(default=512, metadata=_meta(min=0, max=1048576))
     keep_alive_s: float = field(default=-1.0, metadata=_meta(min=-1.0, max=31_536_000.0))
 
+    @property
+    def step_tokens(self) -> int:
+        """The most tokens one decode step holds (the context's n_batch): a token per stream plus
+        a prompt chunk; n_batch bounds a prompt step on its own."""
+        return max(self.n_batch, min(self.prompt_chunk, self.n_batch) + self.parallel)
+
 
 @dataclass(frozen=True)
 class SocketConfig:

@@ -257,7 +257,7 @@ def check_memory(cfg: Config, env: DoctorEnv) -> Check:
     kv_type = cfg.engine.kv_type
     if path.is_file():
         try:
-            memory = plan_for_file(path, cfg.model.n_ctx, cfg.engine.n_batch, kv_type)
+            memory = plan_for_file(path, cfg.model.n_ctx, cfg.engine.step_tokens, kv_type, cfg.engine.parallel)
         except (GgufError, OSError) as exc:
             return Check("memory", None, f"cannot size {path}: {exc}", "see the model check above")
     elif entry is not None and entry.size_bytes is not None:

@@ -233,7 +233,8 @@ class _Reader:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the memory plan needs from the metadata: layers, KV heads, head sizes, vocabulary."""
+    """What the memory plan needs from the metadata: layers, KV heads, head sizes, vocabulary, the
+    feed-forward width and whether some layers attend over a sliding window."""
 
     architecture: str
     layers: int
@@ -242,6 +243,8 @@ class ModelShape:
     value_length: int
     embedding_length: int
     vocab_size: int
+    feed_forward_length: int = 0  # the widest layer's
+    sliding_window: bool = False
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> ModelShape:
@@ -256,9 +259,12 @@ class ModelShape:
             value_len = int(meta.get(f"{arch}.attention.value_length", key_len))
             per_layer = heads_kv if isinstance(heads_kv, list) else [heads_kv] * layers
             kv_heads_total = sum(int(h) for h in per_layer[:layers])
+            ff = meta.get(f"{arch}.feed_forward_length", 0)
+            feed_forward = max((int(x) for x in ff), default=0) if isinstance(ff, list) else int(ff)
         except (KeyError, TypeError, ValueError) as exc:
             raise GgufError(f"the metadata of architecture {arch!r} lacks the model's shape ({exc})") from None
+        sliding = bool(meta.get(f"{arch}.attention.sliding_window"))
         tokens = meta.get("tokenizer.ggml.tokens")
         token_count = tokens.length if isinstance(tokens, ArrayInfo) else len(tokens) if isinstance(tokens, list) else 0
         vocab = int(meta.get(f"{arch}.vocab_size", token_count))
-        return cls(arch, layers, kv_heads_total, key_len, value_len, embd, vocab)
+        return cls(arch, layers, kv_heads_total, key_len, value_len, embd, vocab, feed_forward, sliding)

@@ -4,8 +4,12 @@ The daemon's pre-load check (daemon/service.py), `edgellm doctor` and the engine
 this module. A plan is the weights (the file size: llama.cpp maps or reads all of it), the KV cache
 (n_ctx cells x the sum over layers of kv_heads x (key_length + value_length) elements, at the size
 of `kv_type`; sliding-window layers count at full context, as llama.cpp allocates them with
-`swa_full`), and the compute buffer (dominated by one float32 logit row per token of a micro-batch:
-with Gemma's 262k-token vocabulary that is 1 MiB per token of `n_batch`) plus the output row.
+`swa_full` or with several streams), the output buffer (one float32 logit row per stream: the
+engine asks for logits of each sequence's last token only, `n_outputs_max`) and the compute buffer
+(per token of a step: the feed-forward and embedding activations, and an f16 attention mask row of
+n_ctx per mask, two for sliding-window models). Measured against llama.cpp's own lines for the
+context the engine builds (tests/test_memory_plan.py): the bundled Gemma 3 270M at n_batch 256 and
+n_ctx 2048 allocates 10.9 MiB of compute buffer (the plan says 11.3) and 1 MiB per stream of output.
 Pure: the shape comes from daemon/gguf.py, the available memory from the caller.
 """
 
@@ -52,28 +56,36 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16") -> int:
     return int(n_ctx * shape.kv_heads_total * (shape.key_length + shape.value_length) * per_element)
 
 
-def compute_bytes(shape: ModelShape, n_batch: int) -> int:
-    return n_batch * 4 * (shape.vocab_size + 2 * shape.embedding_length) + 4 * shape.vocab_size
+def compute_bytes(shape: ModelShape, n_batch: int, n_ctx: int, n_outputs: int = 1) -> int:
+    """llama.cpp's compute and output buffers for steps of up to `n_batch` tokens with logits for
+    `n_outputs` of them (flash attention, which llama.cpp picks on CPU, so no n_ctx x heads scores)."""
+    masks = 2 if shape.sliding_window else 1
+    per_token = 4 * (4 * shape.feed_forward_length + 2 * shape.embedding_length) + 2 * n_ctx * masks
+    return n_batch * per_token + n_outputs * 4 * shape.vocab_size
 
 
-def plan(shape: ModelShape, weights_bytes: int, n_ctx: int, n_batch: int, kv_type: str = "f16") -> MemoryPlan:
+def plan(
+    shape: ModelShape, weights_bytes: int, n_ctx: int, n_batch: int, kv_type: str = "f16", n_outputs: int = 1
+) -> MemoryPlan:
     return MemoryPlan(
         weights_bytes=weights_bytes,
         kv_bytes=kv_cache_bytes(shape, n_ctx, kv_type),
-        compute_bytes=compute_bytes(shape, n_batch),
+        compute_bytes=compute_bytes(shape, n_batch, n_ctx, n_outputs),
         n_ctx=n_ctx,
         kv_type=kv_type,
     )
 
 
-def plan_for_header(header: GgufHeader, n_ctx: int, n_batch: int, kv_type: str = "f16") -> MemoryPlan:
+def plan_for_header(
+    header: GgufHeader, n_ctx: int, n_batch: int, kv_type: str = "f16", n_outputs: int = 1
+) -> MemoryPlan:
     """Raises daemon.gguf.GgufError when the metadata lacks the model's shape."""
-    return plan(ModelShape.from_metadata(header.metadata), header.file_size, n_ctx, n_batch, kv_type)
+    return plan(ModelShape.from_metadata(header.metadata), header.file_size, n_ctx, n_batch, kv_type, n_outputs)
 
 
-def plan_for_file(path: Path, n_ctx: int, n_batch: int, kv_type: str = "f16") -> MemoryPlan:
+def plan_for_file(path: Path, n_ctx: int, n_batch: int, kv_type: str = "f16", n_outputs: int = 1) -> MemoryPlan:
     """Raises daemon.gguf.GgufError (bad header) or OSError (unreadable)."""
-    return plan_for_header(read_header(path, tensors=False), n_ctx, n_batch, kv_type)
+    return plan_for_header(read_header(path, tensors=False), n_ctx, n_batch, kv_type, n_outputs)
 
 
 def plan_for_catalog(size_bytes: int, f16_kv_bytes_per_token: int, n_ctx: int, kv_type: str = "f16") -> MemoryPlan:

@@ -112,7 +112,9 @@ class Daemon:
         if available is None:
             return
         try:
-            memory = plan_for_header(header, cfg.model.n_ctx, cfg.engine.n_batch, cfg.engine.kv_type)
+            memory = plan_for_header(
+                header, cfg.model.n_ctx, cfg.engine.step_tokens, cfg.engine.kv_type, cfg.engine.parallel
+            )
         except GgufError as exc:
             log.warning("model.memory_plan_unknown", path=str(path), error=str(exc))
             return

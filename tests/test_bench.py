@@ -34,8 +34,11 @@ QUICK_FIGURES = [
     *(f"{key}.{mode}.decode" for key in ("free", "schema") for mode in ("greedy", "sampled")),
     "prefix.cold", "prefix.warm", "prefix.alt2", "prefix.alt4", "prefix.restart", "restart.first_cold",
     "idle.cpu.p1", "idle.cpu.p2", "idle.rss.p1", "idle.rss.p2", "memory.bound.p1", "memory.bound.p2",
+    *(f"kv.{t}.{what}" for t in ("f16", "q8_0") for what in ("decode", "prompt", "kv_mb", "rss")), "kv.q8_0.agree",
 ]
-ZERO_ALLOWED_UNITS = {"% of a core", "tokens"}  # an idle daemon may use no CPU at all; a cold prompt caches none
+# An idle daemon may use no CPU at all; a cold prompt caches none; a quantized cache's greedy answer
+# may differ from the first character.
+ZERO_ALLOWED_UNITS = {"% of a core", "tokens", "of 1"}
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -69,6 +72,27 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> dic
 
 
 @pytest.mark.slow
+def test_quick_run_compares_kv_types_on_daemons_that_really_use_them(quick_run: dict[str, Any]) -> None:
+    figures = quick_run["figures"]
+    kv = {t: figures[f"kv.{t}.kv_mb"]["value"] for t in ("f16", "q8_0")}
+    assert kv["q8_0"] == pytest.approx(kv["f16"] * 34 / 64, rel=0.02), kv
+    assert 0.0 <= figures["kv.q8_0.agree"]["value"] <= 1.0
+    labels = {c["label"] for c in quick_run["comparisons"] if c["section"] == "KV cache type (engine.kv_type)"}
+    assert "decode, kv q8_0 vs f16" in labels and "RSS after the same requests, kv q8_0 vs f16" in labels
+
+
+def test_rounds_alternate_the_order_of_the_contenders() -> None:
+    """A B C, then C B A, then A B C: a slow minute of the machine hits every side of a ratio."""
+    from daemon.bench.options import Options
+    from daemon.bench.runner import Runner
+
+    runner = Runner(Options(rounds=3), log=lambda _text: None)
+    seen: list[tuple[str, int]] = []
+    steps = [(name, (lambda r, name=name: seen.append((name, r))), False) for name in "ABC"]
+    runner._interleave("group", steps)  # type: ignore[arg-type]
+    assert seen == [("A", 0), ("B", 0), ("C", 0), ("C", 1), ("B", 1), ("A", 1), ("A", 2), ("B", 2), ("C", 2)]
+
+
 def test_quick_run_has_every_figure_as_a_positive_number(quick_run: dict[str, Any]) -> None:
     figures = quick_run["figures"]
     missing = [key for key in QUICK_FIGURES if key not in figures]

@@ -35,23 +35,30 @@ def test_kv_cache_from_gguf_metadata(tiny_olmo_path: Path) -> None:
         kv_cache_bytes(shape, 1024, "q5_1")
 
 
-def _llama_cpp_allocation(gemma_path: Path, capfd: pytest.CaptureFixture[str], **kwargs: object) -> tuple[float, float]:
+def _llama_cpp_allocation(
+    path: Path, capfd: pytest.CaptureFixture[str], params: object
+) -> tuple[float, float]:
+    """(KV cache, KV + compute + output buffers) in bytes, as llama.cpp logs them for the context
+    the daemon's engine builds with `params`."""
     import ctypes
+    import logging
 
     import llama_cpp
     from llama_cpp import _logger
 
     from daemon.engine import llama as engine_llama
 
-    # llama-cpp-python's own logger writes to stderr; an engine loaded earlier in this session may
-    # have routed llama.cpp's log into structlog instead: put the stderr one back for this load.
+    # The engine routes llama.cpp's log into structlog (warnings only): put llama-cpp-python's
+    # stderr logger, at debug level, in its place for this load, and the engine's back after it.
+    engine_llama.route_llama_logs()
+    level = _logger.logger.level
+    _logger.logger.setLevel(logging.DEBUG)
     llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     try:
-        llm = llama_cpp.Llama(str(gemma_path), n_threads=1, verbose=True, **kwargs)  # type: ignore[arg-type]
-        del llm
+        engine_llama.Llama(path, params, use_mmap=True, use_mlock=False).close()  # type: ignore[arg-type]
     finally:
-        if engine_llama._log_callback is not None:
-            llama_cpp.llama_log_set(engine_llama._log_callback, ctypes.c_void_p(0))
+        _logger.logger.setLevel(level)
+        llama_cpp.llama_log_set(engine_llama._log_callback, ctypes.c_void_p(0))
     log = capfd.readouterr().err
 
     def mib(pattern: str) -> float:
@@ -63,24 +70,32 @@ def _llama_cpp_allocation(gemma_path: Path, capfd: pytest.CaptureFixture[str], *
     return kv, kv + mib(r"CPU compute buffer size =") + mib(r"CPU\s+output buffer size =")
 
 
-def test_plan_matches_what_llama_cpp_allocates(gemma_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    n_ctx, n_batch = 1024, 64
-    kv, allocated = _llama_cpp_allocation(gemma_path, capfd, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch)
-    memory = plan_for_file(gemma_path, n_ctx, n_batch)
+@pytest.mark.parametrize(
+    ("n_ctx", "n_batch", "n_seq", "kv_type"),
+    [(1024, 64, 1, "f16"), (2048, 256, 4, "f16"), (4096, 132, 4, "q8_0"), (8192, 256, 1, "q4_0")],
+)
+def test_plan_matches_what_the_engines_context_allocates(
+    gemma_path: Path, capfd: pytest.CaptureFixture[str], n_ctx: int, n_batch: int, n_seq: int, kv_type: str
+) -> None:
+    from daemon.engine.llama import ContextParams
+
+    params = ContextParams(n_ctx=n_ctx, n_batch=n_batch, n_seq=n_seq, n_threads=1, kv_type=kv_type, swa_full=True)
+    kv, allocated = _llama_cpp_allocation(gemma_path, capfd, params)
+    memory = plan_for_file(gemma_path, n_ctx, n_batch, kv_type, n_seq)
     assert memory.kv_bytes == pytest.approx(kv, abs=0.01 * MIB)
     assert allocated * 0.98 <= memory.context_bytes <= allocated * 1.1
     assert memory.weights_bytes == gemma_path.stat().st_size
 
 
-def test_quantized_kv_plan_matches_llama_cpp(gemma_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    import llama_cpp
+def test_plan_matches_the_tiny_olmo_too(tiny_olmo_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A model of another shape (no sliding window, a tiny vocabulary): the same formula holds."""
+    from daemon.engine.llama import ContextParams
 
-    n_ctx = 1024
-    kv, _ = _llama_cpp_allocation(
-        gemma_path, capfd, n_ctx=n_ctx, n_batch=64, n_ubatch=64,
-        type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0, flash_attn=True,
-    )
-    assert plan_for_file(gemma_path, n_ctx, 64, "q8_0").kv_bytes == pytest.approx(kv, abs=0.01 * MIB)
+    params = ContextParams(n_ctx=4096, n_batch=256, n_seq=4, n_threads=1, kv_type="f16", swa_full=True)
+    kv, allocated = _llama_cpp_allocation(tiny_olmo_path, capfd, params)
+    memory = plan_for_file(tiny_olmo_path, 4096, 256, "f16", 4)
+    assert memory.kv_bytes == pytest.approx(kv, abs=0.01 * MIB)
+    assert allocated * 0.95 <= memory.context_bytes <= allocated * 1.15
 
 
 def test_fits_says_why() -> None:

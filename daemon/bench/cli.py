@@ -36,6 +36,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rounds", type=int, help=f"rounds (default {d.rounds}; --quick: 1)")
     p.add_argument("--reps", type=int, help=f"single-stream requests per contender per round (default {d.reps})")
     p.add_argument("--concurrency", type=_counts, help="client counts, comma-separated (default 1,2,4,8; --quick: 1,2)")
+    p.add_argument("--kv-types", type=_kv_types,
+                   help="engine.kv_type values compared with f16, comma-separated; '' for none (default q8_0,q4_0)")
     p.add_argument("--agg-tokens", type=int, help=f"answer tokens per client when concurrent (default {d.agg_tokens})")
     p.add_argument("--parallel", type=int,
                    help=f"engine.parallel of the main daemon (default {d.parallel}, the config's; --quick: 2)")
@@ -63,6 +65,16 @@ def _counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
 
 
+def _kv_types(text: str) -> tuple[str, ...]:
+    from daemon.config import KV_TYPES
+
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    wrong = [x for x in chosen if x not in KV_TYPES or x == "f16"]
+    if wrong:
+        raise argparse.ArgumentTypeError(f"kv types to compare with f16: {', '.join(KV_TYPES[1:])} (got {wrong})")
+    return chosen
+
+
 def options_from(args: argparse.Namespace) -> Options:
     o = Options(model=args.model, threads=args.threads, seed=args.seed, n_ctx=args.n_ctx, n_batch=args.n_batch,
                 mqtt=not args.no_mqtt, workdir=args.workdir, label=args.label)
@@ -80,6 +92,8 @@ def options_from(args: argparse.Namespace) -> Options:
                              "idle_s": args.idle_seconds, "parallel": args.parallel}
     if args.concurrency:
         given["concurrency"] = args.concurrency
+    if args.kv_types is not None:
+        given["kv_types"] = args.kv_types
     return replace(o, **{k: v for k, v in given.items() if v is not None})
 
 

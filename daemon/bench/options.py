@@ -24,6 +24,7 @@ class Options:
     agg_prompt: int = 32  # prompt tokens per client in the concurrency figures
     agg_tokens: int = 64  # answer tokens per client in the concurrency figures
     parallel: int = EngineConfig.parallel  # engine.parallel of the main daemon (the default config's)
+    kv_types: tuple[str, ...] = ("q8_0", "q4_0")  # engine.kv_type values compared with f16
     system_tokens: int = 900  # the shared system prompt of the prefix-cache figures
     alt_cycles: int = 1  # measured passes over the 2 and 4 alternating system prompts (after a first one)
     idle_s: float = 10.0  # window for idle CPU
@@ -39,7 +40,7 @@ class Options:
 def quick(options: Options) -> Options:
     """A short run (one round, small sizes) that still produces every figure: for the test suite."""
     return replace(options, rounds=1, reps=1, pp=32, tg=16, concurrency=(1, 2), parallel=2, agg_prompt=16,
-                   agg_tokens=8, system_tokens=96, alt_cycles=1, idle_s=2.0, quick=True)
+                   agg_tokens=8, system_tokens=96, alt_cycles=1, idle_s=2.0, kv_types=("q8_0",), quick=True)
 
 
 def from_dict(data: dict[str, Any]) -> Options:
@@ -51,6 +52,8 @@ def from_dict(data: dict[str, Any]) -> Options:
             continue
         if key == "concurrency":
             value = tuple(int(x) for x in value)
+        elif key == "kv_types":
+            value = tuple(str(x) for x in value)
         elif key in ("model", "llama_bench", "llama_batched_bench", "llama_server", "workdir") and value is not None:
             value = Path(value)
         values[key] = value

@@ -19,8 +19,9 @@ from daemon.bench.procfs import cpu_seconds, rss_bytes
 from daemon.bench.results import Results
 
 MB = 1e6
-DAEMON, SERVER = "daemon", "server"
-Need = tuple[str, int]  # (DAEMON, engine.parallel) or (SERVER, -np)
+DAEMON, SERVER, KV = "daemon", "server", "kv"
+KV_TYPES = ("f16", "q8_0", "q4_0")  # engine.kv_type (daemon.config.KV_TYPES), indexed by a KV need
+Need = tuple[str, int]  # (DAEMON, engine.parallel), (SERVER, -np) or (KV, index in KV_TYPES)
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,12 @@ class Pool:
         self._daemons: dict[int, EdgeDaemon] = {}
         self._mqtt_doors: dict[int, MqttDoor] = {}
         self._servers: dict[int, LlamaServer] = {}
+        self._kv_daemons: dict[str, EdgeDaemon] = {}  # like the main daemon, another engine.kv_type
 
     # --- edgellm ------------------------------------------------------------------------------
 
-    def daemon_config(self, name: str, parallel: int, state_dir: Path | None = None) -> dict[str, Any]:
+    def daemon_config(self, name: str, parallel: int, state_dir: Path | None = None,
+                      kv_type: str = "f16") -> dict[str, Any]:
         o, p = self.o, self.place
         mqtt: dict[str, Any] = {"enabled": False}
         if p.broker is not None:
@@ -58,7 +61,7 @@ class Pool:
         return {
             "state_dir": str(state_dir or p.dir / f"daemon-{name}" / "state"),
             "model": {"path": str(p.model), "n_ctx": o.n_ctx},
-            "engine": {"n_threads": o.threads, "n_batch": o.n_batch, "parallel": parallel},
+            "engine": {"n_threads": o.threads, "n_batch": o.n_batch, "parallel": parallel, "kv_type": kv_type},
             "socket": {"path": str(p.sockets / f"{name}.sock")},
             "queue": {"max_depth": max(16, 2 * max(o.concurrency, default=1))},
             "logging": {"level": "warning", "format": "json"},
@@ -77,6 +80,21 @@ class Pool:
             name = f"p{parallel}"
             found = EdgeDaemon(self.place.dir / f"daemon-{name}", self.daemon_config(name, parallel))
             self._daemons[parallel] = found
+            found.start()
+            self.warm_up(SocketDoor(found.socket_path))
+        return found
+
+    def kv_daemon(self, kv_type: str) -> EdgeDaemon:
+        """The main daemon (engine.parallel of the run), or one like it with another engine.kv_type."""
+        if kv_type == "f16":
+            return self.daemon(self.o.parallel)
+        found = self._kv_daemons.get(kv_type)
+        if found is None:
+            self.log(f"starting edgellm serve, engine.kv_type = {kv_type}")
+            name = f"kv-{kv_type}"
+            found = EdgeDaemon(self.place.dir / f"daemon-{name}", self.daemon_config(name, self.o.parallel,
+                                                                                     kv_type=kv_type))
+            self._kv_daemons[kv_type] = found
             found.start()
             self.warm_up(SocketDoor(found.socket_path))
         return found
@@ -137,6 +155,9 @@ class Pool:
         daemons = {p: self._daemons[p] for kind, p in needs if kind == DAEMON and p in self._daemons}
         servers = {p: self._servers[p] for kind, p in needs if kind == SERVER and p in self._servers}
         pids = {(DAEMON, p): d.pid for p, d in daemons.items()} | {(SERVER, p): s.pid for p, s in servers.items()}
+        for kind, index in needs:
+            if kind == KV and (daemon := self._kv_daemons.pop(KV_TYPES[index], None)) is not None:
+                daemon.stop()
         if not pids:
             return
         self.log(f"idle CPU and RSS over {self.o.idle_s:g} s: " + ", ".join(f"{k} {p}" for k, p in pids))
@@ -191,10 +212,11 @@ class Pool:
         for door in self._mqtt_doors.values():
             with contextlib.suppress(Exception):
                 door.close()
-        for daemon in self._daemons.values():
+        for daemon in [*self._daemons.values(), *self._kv_daemons.values()]:
             daemon.stop()
         for server in self._servers.values():
             server.stop()
         self._mqtt_doors.clear()
         self._daemons.clear()
+        self._kv_daemons.clear()
         self._servers.clear()

@@ -77,9 +77,9 @@ class Verdict:
         }
 
 
-SINGLE, CONSTRAINED, CONCURRENCY, PREFIX, IDLE, CROSS = (
-    "Single stream", "Constrained output", "Concurrency", "Prefix cache: time to first token", "Idle and memory",
-    "Cross-checks",
+SINGLE, CONSTRAINED, KV, CONCURRENCY, PREFIX, IDLE, CROSS = (
+    "Single stream", "Constrained output", "KV cache type (engine.kv_type)", "Concurrency",
+    "Prefix cache: time to first token", "Idle and memory", "Cross-checks",
 )
 
 
@@ -107,6 +107,15 @@ def checks(o: Options) -> list[Check]:
     for mode in ("greedy", "sampled"):
         out.append(Check(CONSTRAINED, f"decode with a JSON schema vs without, same prompt ({mode})",
                          f"schema.{mode}.decode", f"free.{mode}.decode", RATIO, Target(">=", 0.9, "issue 9")))
+    for t in o.kv_types:  # the trade, measured: no target
+        out += [
+            Check(KV, f"decode, kv {t} vs f16", f"kv.{t}.decode", "kv.f16.decode", RATIO),
+            Check(KV, f"prompt, kv {t} vs f16", f"kv.{t}.prompt", "kv.f16.prompt", RATIO),
+            Check(KV, f"KV cache, kv {t} vs f16", f"kv.{t}.kv_mb", "kv.f16.kv_mb", RATIO),
+            Check(KV, f"RSS after the same requests, kv {t} vs f16", f"kv.{t}.rss", "kv.f16.rss", RATIO),
+            Check(KV, f"greedy answer, kv {t}: share of the f16 answer before the first difference",
+                  f"kv.{t}.agree", None, VALUE),
+        ]
     for c in o.concurrency:
         gate = c in (4, 8)
         out += [
@@ -238,7 +247,7 @@ def table(results: Results, verdicts: Sequence[Verdict]) -> str:
     ]
     header = ["comparison", "value", "noise", "peer", "ratio", "target", "verdict"]
     used: set[str] = set()
-    for section in (SINGLE, CONSTRAINED, CONCURRENCY, PREFIX, IDLE, CROSS):
+    for section in (SINGLE, CONSTRAINED, KV, CONCURRENCY, PREFIX, IDLE, CROSS):
         rows = []
         for v in verdicts:
             c = v.check

@@ -30,8 +30,9 @@ from daemon.bench.contenders import (
 )
 from daemon.bench.doors import Ask, BareDoor, Door, SocketDoor, Trace
 from daemon.bench.options import Options
-from daemon.bench.pool import DAEMON, SERVER, Need, Pool, RunPlace
+from daemon.bench.pool import DAEMON, KV, KV_TYPES, SERVER, Need, Pool, RunPlace
 from daemon.bench.processes import BenchError, Broker, EdgeDaemon
+from daemon.bench.procfs import rss_bytes
 from daemon.bench.results import Results
 
 Step = tuple[str, Callable[[int], None], bool]  # (contender, one round of it, optional)
@@ -54,6 +55,7 @@ class Runner:
         self.results = Results()
         self._started = time.monotonic()
         self._broken: set[str] = set()  # optional contenders that failed: skipped from then on
+        self._kv_answers: dict[tuple[str, int, int], str] = {}  # (kv_type, round, rep) -> greedy text
 
     def log(self, text: str) -> None:
         self._log(f"[{time.monotonic() - self._started:6.0f} s] {text}")
@@ -123,6 +125,9 @@ class Runner:
             ("prefix cache", [(DAEMON, main), (SERVER, main)], self._prefix_steps),
             ("constrained output", [(DAEMON, main)], self._constrained_steps),
         ]
+        if o.kv_types:
+            groups.append(("KV cache type", [(DAEMON, main), *[(KV, KV_TYPES.index(t)) for t in o.kv_types]],
+                           self._kv_steps))
         for c in o.concurrency:
             needs = [(DAEMON, c), (DAEMON, 1), (SERVER, c)]
             groups.append((f"{c} concurrent", needs, lambda c=c: self._aggregate_steps(c)))  # type: ignore[misc]
@@ -214,6 +219,37 @@ class Runner:
             self.results.add(f"{key}.{mode}.decode", trace.reported_decode_tps,
                              f"decode tok/s, {'JSON schema' if key == 'schema' else 'no constraint'}, {mode}",
                              "tok/s", "edgellm socket", note=f"{trace.completion_tokens} tokens")
+
+    # --- KV cache type ------------------------------------------------------------------------
+
+    def _kv_steps(self) -> list[Step]:
+        return [(f"edgellm socket, kv {t}", functools.partial(self._kv_round, t), False)
+                for t in ("f16", *self.o.kv_types)]
+
+    def _kv_round(self, kv_type: str, r: int) -> None:
+        """The single-stream request on daemons that differ only in engine.kv_type: speed, the
+        cache's size, RSS, and how much of the f16 answer (greedy) each reproduces."""
+        o = self.o
+        daemon = self.pool.kv_daemon(kv_type)
+        door = SocketDoor(daemon.socket_path)
+        for i in range(o.reps):
+            prompt = prompts.story(f"{self.place.nonce}-kv-{r}-{i}", o.pp, self.count)
+            trace = door.run(Ask(prompt, o.tg, o.seed))
+            who = f"edgellm socket, kv {kv_type}"
+            self.results.add(f"kv.{kv_type}.decode", trace.reported_decode_tps, f"decode tok/s, {who}", "tok/s", who)
+            self.results.add(f"kv.{kv_type}.prompt", trace.reported_prompt_tps, f"prompt tok/s, {who}", "tok/s", who)
+            self._kv_answers[(kv_type, r, i)] = trace.text
+            for t in KV_TYPES[1:]:
+                theirs, base = self._kv_answers.get((t, r, i)), self._kv_answers.get(("f16", r, i))
+                if theirs is not None and base and (kv_type == t or kv_type == "f16"):
+                    self.results.add(f"kv.{t}.agree", prompts.common_prefix(theirs, base) / len(base),
+                                     f"greedy answer, kv {t}: share of the f16 answer before the first difference",
+                                     "of 1", f"edgellm socket, kv {t}", note=f"{o.tg}-token answers, characters")
+        engine = daemon.status().get("engine") or {}
+        self.results.add(f"kv.{kv_type}.kv_mb", engine.get("kv_bytes", 0) / 1e6, f"KV cache, kv {kv_type}", "MB",
+                         f"edgellm (kv {kv_type})", note=f"status engine.kv_bytes, n_ctx {o.n_ctx}")
+        self.results.add(f"kv.{kv_type}.rss", rss_bytes(daemon.pid) / 1e6, f"RSS after its requests, kv {kv_type}",
+                         "MB", f"edgellm (kv {kv_type})", note="VmRSS")
 
     # --- prefix cache -------------------------------------------------------------------------
 

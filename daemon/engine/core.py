@@ -184,8 +184,7 @@ class Engine:
         started = time.monotonic()
         params = ContextParams(
             n_ctx=self.model_cfg.n_ctx,
-            # A step holds a token per stream plus a prompt chunk; n_batch bounds one prompt step.
-            n_batch=max(cfg.n_batch, min(cfg.prompt_chunk, cfg.n_batch) + cfg.parallel),
+            n_batch=cfg.step_tokens,
             n_seq=cfg.parallel,
             n_threads=self.n_threads,
             kv_type=cfg.kv_type,
