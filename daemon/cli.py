@@ -306,6 +306,13 @@ def _engine_rows(engine: dict[str, Any], *, loaded: bool) -> list[tuple[str, str
     if loaded and engine.get("kv_type"):
         rows.append(("kv cache", f"{engine['kv_type']}, {(engine.get('kv_bytes') or 0) / 1e6:.0f} MB, "
                      f"{engine.get('kv_cells_reserved', 0)}/{engine.get('kv_cells', 0)} cells reserved"))
+    load = []
+    if (cold := engine.get("last_cold_start_ms")) is not None:
+        load.append(f"last cold start {cold / 1000:.1f} s")
+    if (keep_alive := engine.get("keep_alive_s")) is not None and keep_alive >= 0:
+        load.append(f"unloaded after {keep_alive:g} s idle")
+    if load:
+        rows.append(("model load", ", ".join(load)))
     cache = engine.get("prefix_cache") or {}
     if cache:
         rows.append(("prefix cache", f"{cache.get('entries', 0)} entries, {(cache.get('bytes') or 0) / 1e6:.0f} MB, "

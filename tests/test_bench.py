@@ -33,6 +33,7 @@ QUICK_FIGURES = [
     "single_slot.aggregate.c2",
     *(f"{key}.{mode}.decode" for key in ("free", "schema") for mode in ("greedy", "sampled")),
     "prefix.cold", "prefix.warm", "prefix.alt2", "prefix.alt4", "prefix.restart", "restart.first_cold",
+    "mqtt.prefix.cold", "mqtt.prefix.warm", "mqtt.prefix.alt2", "mqtt.prefix.alt4",
     "idle.cpu.p1", "idle.cpu.p2", "idle.rss.p1", "idle.rss.p2", "memory.bound.p1", "memory.bound.p2",
     *(f"kv.{t}.{what}" for t in ("f16", "q8_0") for what in ("decode", "prompt", "kv_mb", "rss")), "kv.q8_0.agree",
 ]

@@ -133,10 +133,14 @@ def test_status_table_shows_the_engine_and_says_when_no_model_is_loaded() -> Non
     engine = {"parallel": 4, "running": ["a", "b"], "suspended": [], "n_threads": 2, "kv_type": "f16",
               "kv_bytes": 37_748_736, "kv_cells": 2048, "kv_cells_reserved": 300,
               "batch": {"adaptive": True, "width": 1, "tokens_per_second": {"1": 88.0, "2": 64.0}},
-              "prefix_cache": {"entries": 3, "bytes": 12_000_000, "hits": 5, "misses": 2}}
+              "prefix_cache": {"entries": 3, "bytes": 12_000_000, "hits": 5, "misses": 2},
+              "keep_alive_s": -1, "last_cold_start_ms": 1234.5}
     loaded = format_status({"state": "busy", "model": {"name": "m", "size_bytes": 1}, "engine": engine})
     assert "2/4 streams running, 1 per step, 0 suspended, 2 threads" in loaded
     assert "f16, 38 MB, 300/2048 cells reserved" in loaded and "3 entries, 12 MB, 5 hits, 2 misses" in loaded
     idle = format_status({"state": "idle", "model": None, "engine": {**engine, "running": []}})
     assert "0/4 streams running, 0 suspended, model not loaded" in idle
     assert "cells reserved" not in idle  # no KV cache is allocated while unloaded
+    assert "last cold start 1.2 s" in loaded and "unloaded after" not in loaded  # kept loaded: -1
+    unloading = format_status({"state": "idle", "model": None, "engine": {**engine, "keep_alive_s": 300}})
+    assert "last cold start 1.2 s, unloaded after 300 s idle" in unloading

@@ -37,6 +37,20 @@ def test_raw_completion_is_sensible(shared_daemon: DaemonProcess) -> None:
     assert timings["tokens_per_second"] > 0
 
 
+def test_a_stop_string_ends_the_answer_before_it(shared_daemon: DaemonProcess) -> None:
+    """`stop` on the real model: the answer ends before the first stop string, which here starts
+    inside one token and ends inside another (" named", " Lily"); the streamed tokens hold exactly
+    the text before it (what might start a stop string is held back, then released or dropped)."""
+    with shared_daemon.client() as c:
+        events = collect(c, {"id": "stop1", "prompt": ONCE, "raw": True, "max_tokens": 32, "stream": True,
+                             "temperature": 0, "stop": ["named Li"]})
+    done = final(events)
+    assert done["event"] == "done" and done["finish_reason"] == "stop", done
+    assert done["text"] == " girl "
+    assert "".join(str(e["text"]) for e in events if e["event"] == "token") == done["text"]
+    assert done["usage"]["completion_tokens"] == 3  # " girl", " named", " Lily"
+
+
 def test_chat_uses_gemma_template(shared_daemon: DaemonProcess) -> None:
     with shared_daemon.client() as c:
         status = c.status()

@@ -123,8 +123,9 @@ def test_a_healthy_pi5(tmp_path: Path, pi: FakePi, broker: int) -> None:
     assert "throttled=0x0" in checks["power"].detail
     assert f"127.0.0.1:{broker} accepts connections" in checks["broker"].detail
     assert "asimddp" in checks["cpu"].detail and "DOTPROD" in checks["cpu"].detail
-    # 16 layers x 16 heads x 128 dims x 2 (K,V) x 2 bytes x 2048 tokens = 256 MiB of KV cache
-    assert "context 0.3" in checks["memory"].detail
+    # 16 layers x 16 heads x 128 dims x 2 (K,V) x 2 bytes x 2048 tokens = 256 MiB of KV cache, plus
+    # compute and output buffers (a few MiB for this small vocabulary and feed-forward)
+    assert "context 0.26" in checks["memory"].detail
 
 
 @pytest.mark.parametrize(

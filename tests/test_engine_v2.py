@@ -154,6 +154,118 @@ def test_idle_daemon_lets_saved_prefixes_leave_ram_and_still_reuses_them(paralle
     assert again["timings"]["cached_tokens"] >= 0.8 * again["usage"]["prompt_tokens"]
 
 
+@pytest.fixture(scope="module")
+def uncached_daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Any:
+    """The reference: every prompt evaluated from nothing (no prefix cache, no batch partner)."""
+    tmp = tmp_path_factory.mktemp("uncached")
+    cfg = {"engine": {"parallel": 1, "prefix_cache": False}, "model": {"n_ctx": 2048}}
+    with DaemonProcess(write_config(tmp, gemma_path, cfg)) as d:
+        d.wait_ready()
+        yield d
+
+
+FILLER = "The house is quiet tonight and the garden sleeps under the moon. "
+
+
+def house_notes(code: str, before: int, after: int) -> str:
+    """A long raw prefix with one fact in it, and the question that only that fact answers."""
+    return FILLER * before + f"Note: the code of the cellar door is {code}. " + FILLER * after
+
+
+ASK_CODE = "Question: what is the code of the cellar door? Answer: the code is"
+
+
+def test_a_request_reuses_the_prefix_of_a_stream_still_running(
+    parallel_daemon: DaemonProcess, uncached_daemon: DaemonProcess
+) -> None:
+    """The prefix is copied from the running stream's cells (llama_memory_seq_cp): nothing was ever
+    saved for it, the prefix cache records neither a hit nor a miss for the copy, and the answer
+    needs what the copied cells hold (a code stated only in the prefix)."""
+    code = "3852"
+    notes = house_notes(code, 4, 8)
+    question = {"id": "second", "prompt": notes + ASK_CODE, "raw": True, "max_tokens": 6, "temperature": 0}
+    with parallel_daemon.client() as a, parallel_daemon.client() as watcher:
+        a.send({"id": "first", "prompt": notes + "Question: is the garden asleep? Answer:", "raw": True,
+                "max_tokens": 300, "stream": True, "temperature": 0})
+        assert a.read_event()["event"] == "token"
+        before = watcher.status()["engine"]["prefix_cache"]
+        with parallel_daemon.client() as b:
+            done = b.call(question)
+        after = watcher.status()["engine"]["prefix_cache"]
+        still_running = watcher.status()["engine"]["running"]
+        a.send({"op": "cancel", "id": "first"})
+        list(read_until_final(a, "first"))
+    assert "first" in still_running
+    assert done["event"] == "done", done
+    assert done["timings"]["cached_tokens"] >= 0.8 * done["usage"]["prompt_tokens"], done
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"]), (before, after)
+    assert code in done["text"].replace(" ", ""), done["text"]
+    with uncached_daemon.client() as c:  # the model does answer it from nothing, too
+        assert code in c.call({**question, "id": "reference"})["text"].replace(" ", "")
+
+
+def test_a_prefix_longer_than_the_sliding_window_is_reused_correctly(
+    tmp_path: Path, gemma_path: Path, uncached_daemon: DaemonProcess
+) -> None:
+    """Gemma 3 attends over a 512-token window in most layers. A saved prefix of ~620 tokens, saved
+    after its stream had moved 400 tokens further, is restored for a question only a fact early in
+    it answers."""
+    cfg = write_config(tmp_path, gemma_path, {"engine": {"parallel": 1}, "model": {"n_ctx": 2048}})
+    notes = house_notes("4721", 16, 30)
+    question = {"id": "second", "prompt": notes + ASK_CODE, "raw": True, "max_tokens": 6, "temperature": 0}
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            first = c.call({"prompt": notes + "Question: is the garden asleep? Answer:", "raw": True,
+                            "max_tokens": 400, "temperature": 0, "repeat_penalty": 1.3})
+            done = c.call(question)
+    assert first["usage"]["prompt_tokens"] > 600 and first["usage"]["completion_tokens"] >= 300, first["usage"]
+    assert done["timings"]["cached_tokens"] > 600, done["timings"]
+    assert "4721" in done["text"].replace(" ", ""), done["text"]
+    with uncached_daemon.client() as c:
+        assert "4721" in c.call({**question, "id": "reference"})["text"].replace(" ", "")
+
+
+def test_with_adaptive_batch_off_every_stream_shares_each_decode_step(tmp_path: Path, gemma_path: Path) -> None:
+    """`engine.adaptive_batch = false`: the running streams go into one llama_decode per step (the
+    status' batch width is how many the latest step decoded)."""
+    cfg = write_config(tmp_path, gemma_path, {"engine": {"parallel": 3, "adaptive_batch": False}})
+    request = {"prompt": ONCE, "raw": True, "max_tokens": 60, "temperature": 0}
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        threads = [threading.Thread(target=stream_events, args=(d, {"id": f"w{i}", **request})) for i in range(3)]
+        seen: list[tuple[int, int]] = []
+        with d.client() as c:
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                engine = c.status()["engine"]
+                seen.append((engine["batch"]["width"], len(engine["running"])))
+                time.sleep(0.01)
+            batch = c.status()["engine"]["batch"]
+        for t in threads:
+            t.join()
+    assert batch["adaptive"] is False
+    assert any(width == 3 for width, _ in seen), seen
+    # Never fewer than the streams running (a stream may end between the step and the reading).
+    assert all(width >= running - 1 for width, running in seen if width), seen
+
+
+def test_a_deadline_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Path) -> None:
+    cfg = write_config(tmp_path, gemma_path, {"model": {"n_ctx": 2048},
+                                              "engine": {"n_batch": 2048, "prompt_chunk": 2048}})
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            final = c.call({"id": "long", "prompt": "story " * 1800, "raw": True, "max_tokens": 2,
+                            "deadline_ms": 300})
+            after = c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
+        aborted = [e for e in d.log_events() if e.get("event") == "generation.step_aborted"]
+    assert final["event"] == "error" and final["code"] == "deadline_exceeded", final
+    assert aborted, "the deadline did not reach into the running llama_decode"
+    assert after["event"] == "done"
+
+
 def test_preempted_stream_resumes_exactly_where_it_stopped(tmp_path: Path, gemma_path: Path) -> None:
     cfg = write_config(tmp_path, gemma_path, {"engine": {"parallel": 1}, "queue": {"preempt": True}})
     low = {"prompt": ONCE, "raw": True, "max_tokens": 80, "temperature": 0, "priority": "low"}
@@ -170,13 +282,21 @@ def test_preempted_stream_resumes_exactly_where_it_stopped(tmp_path: Path, gemma
             suspended = wait_status(watcher, lambda s: s["engine"]["suspended"] == ["low"], timeout=30)
             assert suspended["queue"]["suspended"] == 1
             finals: list[str] = []
+            low_before_high = 0  # low's tokens between sending high and high's first token
+            high_started = False
             while len(finals) < 2:
                 event = c.read_event()
                 if event["id"] == "low":
                     low_events.append(event)
+                    low_before_high += not high_started and event["event"] == "token"
+                elif event["event"] == "token":
+                    high_started = True
                 if event["event"] in ("done", "error"):
                     finals.append(event["id"])
     assert finals == ["high", "low"]
+    # High starts at the next step boundary: the step running when it came, perhaps one more while
+    # the request crossed from the socket to the worker; never low's whole answer.
+    assert low_before_high <= 3, low_before_high
     tokens, done = tokens_and_final(low_events)
     assert done["event"] == "done" and done["finish_reason"] == solo["finish_reason"]
     assert "".join(tokens) == done["text"] == solo["text"]  # none lost, none repeated
@@ -224,8 +344,11 @@ def test_keep_alive_unloads_when_idle_and_reloads_on_demand(tmp_path: Path, gemm
             idle_rss = rss_kb(d.proc.pid)
             done = c.call({"id": "after", "prompt": ONCE, "raw": True, "max_tokens": 8, "temperature": 0})
             status = c.status()
+        loads = [e for e in d.log_events() if e.get("event") == "model.loaded"]
     assert done["text"].startswith(" girl named Lily")
     assert status["state"] in ("ready", "idle")
+    # The reload on demand is the last cold start now: it took at least its own load.
+    assert len(loads) == 2 and status["engine"]["last_cold_start_ms"] >= loads[1]["load_ms"], (loads, status)
     assert loaded_rss - idle_rss > 100_000, (loaded_rss, idle_rss)  # the model's pages were released
 
 

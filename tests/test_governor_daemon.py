@@ -23,7 +23,7 @@ def meminfo(available_mb: int, total_mb: int = 4096) -> str:
     )
 
 
-def governed(tmp: Path, model: Path, **extra: Any) -> tuple[Path, Path, Path]:
+def governed(tmp: Path, model: Path, overrides: dict[str, Any] | None = None, **extra: Any) -> tuple[Path, Path, Path]:
     temp = tmp / "temp"
     temp.write_text("50000\n")
     mem = tmp / "meminfo"
@@ -33,7 +33,7 @@ def governed(tmp: Path, model: Path, **extra: Any) -> tuple[Path, Path, Path]:
         "psi_file": "", "vcgencmd_command": "", "max_pause_s": 60.0,
     }
     governor.update(extra)
-    cfg = write_config(tmp, model, {"governor": governor})
+    cfg = write_config(tmp, model, merge({"governor": governor}, overrides or {}))
     return cfg, temp, mem
 
 
@@ -78,6 +78,46 @@ def test_hot_pauses_generation_and_refuses_new_work_then_resumes(tmp_path: Path,
     assert rest[-1]["usage"]["completion_tokens"] == 120
     logged = [e for e in d.log_events() if e.get("event") == "generation.paused"]
     assert logged and logged[0]["id"] == "long"
+
+
+def test_hot_pauses_every_stream_of_a_batch_and_all_resume(tmp_path: Path, gemma_path: Path) -> None:
+    """Pausing acts on the whole batch: two streams decoding together both stop while hot (at most
+    the token in flight each) and both finish, complete, once it cools."""
+    cfg, temp, _ = governed(tmp_path, gemma_path, {"engine": {"parallel": 2}})
+    ids = ("one", "two")
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as a, d.client() as b, d.client() as other:
+            wait_status(other, lambda s: (s["governor"] or {}).get("state") == "normal")
+            for c, rid in zip((a, b), ids):
+                c.send({"id": rid, "prompt": ONCE, "raw": True, "max_tokens": 120, "stream": True})
+            for c in (a, b):
+                while (event := c.read_event())["event"] == "queued":  # until the worker takes it
+                    pass
+                assert event["event"] == "token", event
+            assert len(wait_status(other, lambda s: len(s["engine"]["running"]) == 2)["engine"]["running"]) == 2
+            temp.write_text("79000\n")
+            wait_status(other, lambda s: s["governor"]["state"] == "hot")
+            queues: dict[str, queue.Queue[dict[str, Any]]] = {rid: queue.Queue() for rid in ids}
+            readers = [
+                threading.Thread(target=lambda c=c, rid=rid: [queues[rid].put(e) for e in read_until_final(c, rid)])
+                for c, rid in zip((a, b), ids)
+            ]
+            for reader in readers:
+                reader.start()
+            for rid in ids:
+                drain(queues[rid], quiet_for=0.3)  # tokens already in flight or buffered
+            during_hot = {rid: drain(queues[rid], quiet_for=1.5) for rid in ids}
+            temp.write_text("60000\n")
+            for reader in readers:
+                reader.join(60)
+            rest = {rid: drain(queues[rid], quiet_for=0.0) for rid in ids}
+    for rid in ids:
+        assert len(during_hot[rid]) <= 1, (rid, during_hot[rid])
+        assert rest[rid] and rest[rid][-1]["event"] == "done", rid
+        assert rest[rid][-1]["usage"]["completion_tokens"] == 120, rest[rid][-1]
+    paused = {e["id"] for e in d.log_events() if e.get("event") == "generation.paused"}
+    assert paused == set(ids), paused
 
 
 def test_critical_stops_generation_with_throttled(tmp_path: Path, gemma_path: Path) -> None:

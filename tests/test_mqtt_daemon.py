@@ -204,6 +204,44 @@ def test_token_interval_merges_the_stream_into_fewer_events_in_order(
     assert tokens[0]["text"] == socket_tokens[0] and len(socket_tokens) == 40
 
 
+def test_four_parallel_streams_over_mqtt_each_arrive_exactly_once_in_order(
+    tmp_path: Path, gemma_path: Path, broker: MosquittoBroker
+) -> None:
+    """The shipped default, `engine.parallel = 4`, behind the MQTT door: four streams decode at once;
+    each one's `seq` has no gaps, its tokens concatenate to its own answer, one final each, and at
+    temperature 0 they agree on what is guaranteed in a batch (the first 16 tokens)."""
+    overrides = {"engine": {"parallel": 4}, "mqtt": {"homeassistant": {"enabled": False}}}
+    daemon = start_daemon(tmp_path / "par", gemma_path, broker, "par", overrides)
+    ids = [new_id(f"par{i}") for i in range(4)]
+    request = {"prompt": ONCE, "raw": True, "max_tokens": 24, "stream": True, "temperature": 0}
+    most_running = 0
+    try:
+        with Probe(broker, ["client/par"]) as probe, daemon.client() as c:
+            for rid in ids:
+                probe.publish("edgellm/par/request", {"id": rid, **request}, response_topic="client/par")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                status = c.status()
+                most_running = max(most_running, len(status["engine"]["running"]))
+                if most_running and not status["engine"]["running"] and not status["queue"]["depth"]:
+                    break
+                time.sleep(0.02)
+            finals = [probe.wait_final(rid) for rid in ids]
+            streams = [probe.events(rid) for rid in ids]
+    finally:
+        daemon.stop()
+    assert most_running >= 2, "the four requests never decoded together"
+    token_lists = []
+    for rid, final, events in zip(ids, finals, streams):
+        assert final["event"] == "done" and final["usage"]["completion_tokens"] == 24, final
+        assert [e["event"] for e in events].count("done") == 1 and events[-1]["event"] == "done", rid
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), rid
+        tokens = [e["text"] for e in events if e["event"] == "token"]
+        assert "".join(tokens) == final["text"], rid
+        token_lists.append(tokens)
+    assert all(t[:16] == token_lists[0][:16] for t in token_lists), token_lists
+
+
 def test_bad_payloads_get_structured_errors_and_the_daemon_keeps_serving(
     daemon: DaemonProcess, broker: MosquittoBroker
 ) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from daemon.engine.prefix_cache import MIN_TOKENS, DiskStore, PrefixCache, model_sha256
+from daemon.engine.prefix_cache import MIN_TOKENS, SUFFIX, DiskStore, PrefixCache, model_sha256
 
 FINGERPRINT = {"format": 1, "model_sha256": "abc", "n_ctx": 2048, "kv_type": "f16"}
 SYSTEM = list(range(100, 100 + 2 * MIN_TOKENS))
@@ -150,3 +150,20 @@ def test_a_spilled_entry_whose_file_went_bad_is_forgotten(tmp_path: Path) -> Non
         assert cache.state_of(second) is None
     assert len(cache) == 0
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["prefix_cache.file_ignored"]
+
+
+def test_a_write_cut_short_leaves_the_old_file_whole_and_its_leftover_is_removed(tmp_path: Path) -> None:
+    """Files are written to a temporary name, synced, then renamed: a power cut mid-write leaves
+    the previous file as it was plus a `.tmp<pid>` leftover, which the next start deletes."""
+    s = store(tmp_path)
+    PrefixCache(10_000_000, s).add([*SYSTEM, 1], b"one" * 100)
+    s.stop()
+    (written,) = s.dir.glob(f"*{SUFFIX}")
+    assert not list(s.dir.glob("*.tmp*"))  # nothing left beside the file
+    leftover = written.with_suffix(".tmp4242")
+    leftover.write_bytes(written.read_bytes()[:40])  # the next write of it, cut short
+    again = PrefixCache(10_000_000, store(tmp_path))
+    assert again.load_from_disk() == 1
+    entry, _ = again.best([*SYSTEM, 1])
+    assert entry is not None and entry.state == b"one" * 100
+    assert not leftover.exists()

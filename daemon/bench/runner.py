@@ -255,6 +255,8 @@ class Runner:
 
     def _prefix_steps(self) -> list[Step]:
         steps: list[Step] = [("edgellm socket", lambda r: self._prefix_round("prefix", "edgellm socket", r), False)]
+        if self.o.mqtt:
+            steps.append(("edgellm MQTT", lambda r: self._prefix_round("mqtt.prefix", "edgellm MQTT", r), False))
         if self.o.llama_server is not None:
             steps.append(("llama-server", lambda r: self._prefix_round("llama_server.prefix", "llama-server", r), True))
         return steps
@@ -263,7 +265,10 @@ class Runner:
         """Cold (a system prompt never seen), warm (the same again, another question), then 2 and 4
         system prompts alternating A B A B …; every first sight of a system prompt is a cold sample."""
         o = self.o
-        door = self._door("llama_server" if key.startswith("llama_server") else "socket", o.parallel)
+        door_key = next((k for k in ("llama_server", "mqtt") if key.startswith(k)), "socket")
+        door = self._door(door_key, o.parallel)
+        # The MQTT door shares the main daemon (and its prefix cache) with the socket: its own texts.
+        mine = "m" if door_key == "mqtt" else ""
 
         def ttft(system: str, question: int, figure: str, label: str) -> None:
             trace = door.run(Ask(prompts.with_question(system, question), PREFIX_ANSWER_TOKENS, o.seed))
@@ -272,12 +277,12 @@ class Runner:
             self.results.add(f"{key}.{figure}.cached_tokens", trace.cached_tokens,
                              f"cached prompt tokens {label}, {contender}", "tokens", contender)
 
-        system = prompts.system_prompt(f"{self.place.nonce}-{r}-w", o.system_tokens, self.count)
+        system = prompts.system_prompt(f"{self.place.nonce}-{r}-w{mine}", o.system_tokens, self.count)
         self.results.meta["system_prompt_tokens"] = self.count(prompts.with_question(system, 0))
         ttft(system, 0, "cold", "cold")
         ttft(system, 1, "warm", "warm (same system prompt again)")
         for k in (2, 4):
-            tags = [f"{self.place.nonce}-{r}-{k}{j}" for j in range(k)]
+            tags = [f"{self.place.nonce}-{r}-{k}{j}{mine}" for j in range(k)]
             systems = [prompts.system_prompt(tag, o.system_tokens, self.count) for tag in tags]
             for s in systems:
                 ttft(s, 0, "cold", "cold")
