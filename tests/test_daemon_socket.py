@@ -27,7 +27,8 @@ def test_raw_completion_is_sensible(shared_daemon: DaemonProcess) -> None:
         done = c.call({"id": "c1", "prompt": ONCE, "raw": True, "max_tokens": 16, "temperature": 0})
     assert done["event"] == "done", done
     assert done["id"] == "c1"
-    assert str(done["text"]).startswith(" girl named Lily")
+    # Issue 8's "same answers": the text the high-level generate() gave before engine v2.
+    assert done["text"] == " girl named Lily. She was a very smart girl, and she loved to play"
     assert done["finish_reason"] == "length"
     assert done["usage"] == {"prompt_tokens": 10, "completion_tokens": 16}
     timings = done["timings"]
