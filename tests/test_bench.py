@@ -28,7 +28,7 @@ from tests.helpers import REPO
 # What a quick run (--concurrency 1,2, main daemon parallel 2, MQTT on, no native tools) must yield.
 QUICK_FIGURES = [
     *(f"{door}.{what}" for door in ("bare", "socket", "mqtt")
-      for what in ("decode", "decode_client", "prompt", "ttft")),
+      for what in ("decode", "decode_client", "decode_deep", "prompt", "ttft")),
     "socket.aggregate.c1", "socket.aggregate.c2", "mqtt.aggregate.c1", "mqtt.aggregate.c2",
     "single_slot.aggregate.c2",
     *(f"{key}.{mode}.decode" for key in ("free", "schema") for mode in ("greedy", "sampled")),

@@ -22,15 +22,23 @@ from daemon.bench.stats import rate
 KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
-def record_single(results: Results, key: str, contender: str, trace: Trace) -> None:
-    """One single-stream request's figures: decode and prompt rates (the contender's own), the
-    client-side decode rate (cross-check) and the client-side TTFT."""
-    results.add(f"{key}.decode", trace.reported_decode_tps, f"decode tok/s, {contender}", "tok/s", contender)
+def record_decode(results: Results, key: str, contender: str, trace: Trace) -> None:
+    """The decode request's figures (a short prompt, as llama-bench's tg decodes from an empty
+    context): the contender's own decode rate and the client-side one (cross-check)."""
+    results.add(f"{key}.decode", trace.reported_decode_tps, f"decode tok/s, {contender}", "tok/s", contender,
+                note=f"after a {trace.prompt_tokens}-token prompt" if trace.prompt_tokens else "")
     results.add(f"{key}.decode_client", trace.client_decode_tps, f"decode tok/s as received, {contender}",
                 "tok/s", contender, note="token events after the first / time from the first to the last")
+
+
+def record_prompt(results: Results, key: str, contender: str, trace: Trace) -> None:
+    """The prompt request's figures: its prompt rate (the contender's own), the client-side TTFT and
+    the decode rate after that prompt (each token attends over the prompt's cells too)."""
     results.add(f"{key}.prompt", trace.reported_prompt_tps, f"prompt tok/s, {contender}", "tok/s", contender)
     results.add(f"{key}.ttft", trace.ttft_ms, f"TTFT, {contender}", "ms", contender,
                 note="client-side, send to first token")
+    results.add(f"{key}.decode_deep", trace.reported_decode_tps, f"decode tok/s after the prompt, {contender}",
+                "tok/s", contender)
 
 
 def run_concurrently(door: Door, asks: Sequence[Ask], timeout: float = 900.0) -> list[Trace]:

@@ -57,6 +57,12 @@ def _mark(tag: str) -> str:
 _PAD_WORDS = ("and", "then", "the", "old", "man", "walked", "on", "home", "again", "slowly")
 
 
+def opening(tag: str) -> str:
+    """The shortest story opening of its own (about 15 tokens): for the decode figure, which
+    llama-bench's tg measures from an empty context (and issue 8's table with a 10-token prompt)."""
+    return f"{_mark(tag)}. Once upon a time, there was a little"
+
+
 def story(tag: str, target_tokens: int, count: TokenCounter) -> str:
     """A story opening of exactly `target_tokens` tokens (BOS included; at least that many if no
     padding reaches it), ending mid-sentence so the model goes on writing for a long time.

@@ -100,9 +100,13 @@ def checks(o: Options) -> list[Check]:
         Check(SINGLE, f"decode, bare llama-cpp-python vs {tg}", "bare.decode", "llama_bench.tg", RATIO),
         Check(SINGLE, f"prompt, bare llama-cpp-python vs {pp}", "bare.prompt", "llama_bench.pp", RATIO),
         Check(SINGLE, f"decode, llama-server vs {tg}", "llama_server.decode", "llama_bench.tg", RATIO),
-        # Like for like: the daemon decodes after the pp-token prompt; tg above starts from nothing.
-        Check(SINGLE, f"decode, socket vs {tg} @ d{o.pp} (same context depth)", "socket.decode",
+        # After the pp-token prompt, each token attends over pp more cells: against llama-bench -d pp.
+        Check(SINGLE, f"decode after the {o.pp}-token prompt, socket vs {tg} @ d{o.pp}", "socket.decode_deep",
               "llama_bench.tg_deep", RATIO),
+        Check(SINGLE, f"decode after the {o.pp}-token prompt, MQTT vs {tg} @ d{o.pp}", "mqtt.decode_deep",
+              "llama_bench.tg_deep", RATIO),
+        Check(SINGLE, f"decode after the {o.pp}-token prompt, llama-server vs {tg} @ d{o.pp}",
+              "llama_server.decode_deep", "llama_bench.tg_deep", RATIO),
     ]
     for mode in ("greedy", "sampled"):
         out.append(Check(CONSTRAINED, f"decode with a JSON schema vs without, same prompt ({mode})",

@@ -25,7 +25,8 @@ from daemon.bench.contenders import (
     batched_bench,
     llama_bench,
     load_bare,
-    record_single,
+    record_decode,
+    record_prompt,
     run_concurrently,
 )
 from daemon.bench.doors import Ask, BareDoor, Door, SocketDoor, Trace
@@ -177,12 +178,16 @@ class Runner:
         o = self.o
         door = self._door(key, o.parallel)
         for i in range(o.reps):
-            # The same text for every contender (a new one each time: no prefix cache helps), except
-            # that the MQTT door of the same daemon gets its own tag.
+            # The same texts for every contender (new ones each time: no prefix cache helps), except
+            # that the MQTT door of the same daemon gets its own tag. Decode is measured from a short
+            # prompt, as llama-bench's tg from an empty context; prompt rate and TTFT with pp tokens.
+            trace = door.run(Ask(prompts.opening(f"{self.place.nonce}-{r}-{i}{door_tag}"), o.tg, o.seed))
+            self._check_tokens(contender, trace, o.tg)
+            record_decode(self.results, key, contender, trace)
             prompt = prompts.story(f"{self.place.nonce}-{r}-{i}{door_tag}", o.pp, self.count)
             trace = door.run(Ask(prompt, o.tg, o.seed))
             self._check_tokens(contender, trace, o.tg)
-            record_single(self.results, key, contender, trace)
+            record_prompt(self.results, key, contender, trace)
 
     def _check_tokens(self, contender: str, trace: Trace, wanted: int) -> None:
         if trace.completion_tokens < wanted:
