@@ -151,12 +151,13 @@ def parse_batched_bench(output: str) -> dict[int, BatchedBenchRow]:
 
 
 def batched_bench(binary: Path, model: Path, threads: int, batch: int, pp: int, tg: int, n_ctx: int,
-                  n_batch: int) -> BatchedBenchRow:
-    """B = `batch` sequences of `pp` prompt tokens, then `tg` tokens each."""
+                  n_batch: int, *, unified: bool = False) -> BatchedBenchRow:
+    """B = `batch` sequences of `pp` prompt tokens, then `tg` tokens each; each sequence in a KV
+    stream of its own (llama.cpp's default), or with `unified` all in one, as the daemon keeps them."""
     ctx = max(n_ctx, batch * (pp + tg) + 16)
     argv = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(ctx),
             "-b", str(max(n_batch, pp)), "-ub", str(n_batch), "-npp", str(pp), "-ntg", str(tg), "-npl", str(batch),
-            "--output-format", "jsonl"]
+            *(["-kvu"] if unified else []), "--output-format", "jsonl"]
     rows = parse_batched_bench(run_tool(argv, timeout=900))
     if batch not in rows:
         raise BenchError(f"llama-batched-bench gave no result for B={batch} (context {ctx})")

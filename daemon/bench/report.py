@@ -127,6 +127,9 @@ def checks(o: Options) -> list[Check]:
                   f"socket.aggregate.c{c}", f"llama_server.aggregate.c{c}", RATIO, Target(">=", 1.0) if gate else None),
             Check(CONCURRENCY, f"{c} clients, edgellm (parallel {c}) vs llama-batched-bench B={c}",
                   f"socket.aggregate.c{c}", f"batched_bench.tg.b{c}", RATIO, Target(">=", 0.9) if gate else None),
+            Check(CONCURRENCY, f"{c} clients, edgellm (parallel {c}) vs llama-batched-bench -kvu B={c} "
+                  "(one unified KV cache, as the daemon's)", f"socket.aggregate.c{c}", f"batched_bench.tg_kvu.b{c}",
+                  RATIO),
             # The same two, both with their prompt time (S_TG leaves it out, the aggregate cannot).
             Check(CONCURRENCY, f"{c} clients, edgellm (parallel {c}) vs llama-batched-bench B={c}, prompt time in both",
                   f"socket.aggregate.c{c}", f"batched_bench.total.b{c}", RATIO),

@@ -340,6 +340,11 @@ class Runner:
         self.results.add(f"batched_bench.total.b{c}", row.generated_over_total,
                          f"llama-batched-bench generated tokens over its whole time (prompt included), B={c}",
                          "tok/s", "llama-batched-bench", note=note)
+        if c > 1:  # the daemon keeps every stream in one unified KV cache (any request may use all n_ctx)
+            row = batched_bench(o.llama_batched_bench, self.place.model, o.threads, c, o.agg_prompt, o.agg_tokens,
+                                o.n_ctx, o.n_batch, unified=True)
+            self.results.add(f"batched_bench.tg_kvu.b{c}", row.speed_tg, f"llama-batched-bench -kvu S_TG, B={c}",
+                             "tok/s", "llama-batched-bench", note=note + " -kvu")
 
     # --- restart with a persisted prefix ------------------------------------------------------
 
