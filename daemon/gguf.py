@@ -259,10 +259,13 @@ class ModelShape:
             value_len = int(meta.get(f"{arch}.attention.value_length", key_len))
             per_layer = heads_kv if isinstance(heads_kv, list) else [heads_kv] * layers
             kv_heads_total = sum(int(h) for h in per_layer[:layers])
-            ff = meta.get(f"{arch}.feed_forward_length", 0)
-            feed_forward = max((int(x) for x in ff), default=0) if isinstance(ff, list) else int(ff)
         except (KeyError, TypeError, ValueError) as exc:
             raise GgufError(f"the metadata of architecture {arch!r} lacks the model's shape ({exc})") from None
+        ff = meta.get(f"{arch}.feed_forward_length", 0)
+        try:  # only the compute estimate needs it: unreadable (a per-layer list as text) counts as 0
+            feed_forward = max((int(x) for x in ff), default=0) if isinstance(ff, list) else int(ff)
+        except (TypeError, ValueError):
+            feed_forward = 0
         sliding = bool(meta.get(f"{arch}.attention.sliding_window"))
         tokens = meta.get("tokenizer.ggml.tokens")
         token_count = tokens.length if isinstance(tokens, ArrayInfo) else len(tokens) if isinstance(tokens, list) else 0

@@ -85,15 +85,16 @@ def test_quick_run_compares_kv_types_on_daemons_that_really_use_them(quick_run: 
 def test_rounds_alternate_the_order_of_the_contenders() -> None:
     """A B C, then C B A, then A B C: a slow minute of the machine hits every side of a ratio."""
     from daemon.bench.options import Options
-    from daemon.bench.runner import Runner
+    from daemon.bench.runner import Runner, Step
 
     runner = Runner(Options(rounds=3), log=lambda _text: None)
     seen: list[tuple[str, int]] = []
-    steps = [(name, (lambda r, name=name: seen.append((name, r))), False) for name in "ABC"]
-    runner._interleave("group", steps)  # type: ignore[arg-type]
+    steps: list[Step] = [(name, (lambda r, name=name: seen.append((name, r))), False) for name in "ABC"]
+    runner._interleave("group", steps)
     assert seen == [("A", 0), ("B", 0), ("C", 0), ("C", 1), ("B", 1), ("A", 1), ("A", 2), ("B", 2), ("C", 2)]
 
 
+@pytest.mark.slow
 def test_quick_run_has_every_figure_as_a_positive_number(quick_run: dict[str, Any]) -> None:
     figures = quick_run["figures"]
     missing = [key for key in QUICK_FIGURES if key not in figures]

@@ -184,6 +184,8 @@ def test_a_request_reuses_the_prefix_of_a_stream_still_running(
     code = "3852"
     notes = house_notes(code, 4, 8)
     question = {"id": "second", "prompt": notes + ASK_CODE, "raw": True, "max_tokens": 6, "temperature": 0}
+    with uncached_daemon.client() as c:  # the model answers it from nothing
+        assert code in c.call({**question, "id": "reference"})["text"].replace(" ", "")
     with parallel_daemon.client() as a, parallel_daemon.client() as watcher:
         a.send({"id": "first", "prompt": notes + "Question: is the garden asleep? Answer:", "raw": True,
                 "max_tokens": 300, "stream": True, "temperature": 0})
@@ -200,8 +202,6 @@ def test_a_request_reuses_the_prefix_of_a_stream_still_running(
     assert done["timings"]["cached_tokens"] >= 0.8 * done["usage"]["prompt_tokens"], done
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"]), (before, after)
     assert code in done["text"].replace(" ", ""), done["text"]
-    with uncached_daemon.client() as c:  # the model does answer it from nothing, too
-        assert code in c.call({**question, "id": "reference"})["text"].replace(" ", "")
 
 
 def test_a_prefix_longer_than_the_sliding_window_is_reused_correctly(
@@ -213,6 +213,8 @@ def test_a_prefix_longer_than_the_sliding_window_is_reused_correctly(
     cfg = write_config(tmp_path, gemma_path, {"engine": {"parallel": 1}, "model": {"n_ctx": 2048}})
     notes = house_notes("4721", 16, 30)
     question = {"id": "second", "prompt": notes + ASK_CODE, "raw": True, "max_tokens": 6, "temperature": 0}
+    with uncached_daemon.client() as c:  # the model answers it from nothing
+        assert "4721" in c.call({**question, "id": "reference"})["text"].replace(" ", "")
     with DaemonProcess(cfg) as d:
         d.wait_ready()
         with d.client() as c:
@@ -222,8 +224,6 @@ def test_a_prefix_longer_than_the_sliding_window_is_reused_correctly(
     assert first["usage"]["prompt_tokens"] > 600 and first["usage"]["completion_tokens"] >= 300, first["usage"]
     assert done["timings"]["cached_tokens"] > 600, done["timings"]
     assert "4721" in done["text"].replace(" ", ""), done["text"]
-    with uncached_daemon.client() as c:
-        assert "4721" in c.call({**question, "id": "reference"})["text"].replace(" ", "")
 
 
 def test_with_adaptive_batch_off_every_stream_shares_each_decode_step(tmp_path: Path, gemma_path: Path) -> None:
@@ -247,8 +247,10 @@ def test_with_adaptive_batch_off_every_stream_shares_each_decode_step(tmp_path: 
             t.join()
     assert batch["adaptive"] is False
     assert any(width == 3 for width, _ in seen), seen
-    # Never fewer than the streams running (a stream may end between the step and the reading).
+    # Never fewer than the streams running (a stream may end between the step and the reading), and
+    # never a narrower width tried (the adaptive loop logs each change of width at debug level).
     assert all(width >= running - 1 for width, running in seen if width), seen
+    assert not [e for e in d.log_events() if e.get("event") == "generation.batch_width"]
 
 
 def test_a_deadline_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Path) -> None:
@@ -294,9 +296,9 @@ def test_preempted_stream_resumes_exactly_where_it_stopped(tmp_path: Path, gemma
                 if event["event"] in ("done", "error"):
                     finals.append(event["id"])
     assert finals == ["high", "low"]
-    # High starts at the next step boundary: the step running when it came, perhaps one more while
-    # the request crossed from the socket to the worker; never low's whole answer.
-    assert low_before_high <= 3, low_before_high
+    # High starts at the next step boundary: the step running when it came, perhaps a few more while
+    # the request crossed from the socket to the worker on a loaded box; never low's ~75 other tokens.
+    assert low_before_high <= 8, low_before_high
     tokens, done = tokens_and_final(low_events)
     assert done["event"] == "done" and done["finish_reason"] == solo["finish_reason"]
     assert "".join(tokens) == done["text"] == solo["text"]  # none lost, none repeated
@@ -347,8 +349,10 @@ def test_keep_alive_unloads_when_idle_and_reloads_on_demand(tmp_path: Path, gemm
         loads = [e for e in d.log_events() if e.get("event") == "model.loaded"]
     assert done["text"].startswith(" girl named Lily")
     assert status["state"] in ("ready", "idle")
-    # The reload on demand is the last cold start now: it took at least its own load.
-    assert len(loads) == 2 and status["engine"]["last_cold_start_ms"] >= loads[1]["load_ms"], (loads, status)
+    # The reload on demand is the last cold start now: a new figure, at least its own load.
+    cold = status["engine"]["last_cold_start_ms"]
+    assert len(loads) == 2 and cold != idle["engine"]["last_cold_start_ms"] and cold >= loads[1]["load_ms"], (
+        loads, idle["engine"], status["engine"])
     assert loaded_rss - idle_rss > 100_000, (loaded_rss, idle_rss)  # the model's pages were released
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from daemon.engine.prefix_cache import MIN_TOKENS, SUFFIX, DiskStore, PrefixCache, model_sha256
@@ -152,18 +153,34 @@ def test_a_spilled_entry_whose_file_went_bad_is_forgotten(tmp_path: Path) -> Non
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["prefix_cache.file_ignored"]
 
 
-def test_a_write_cut_short_leaves_the_old_file_whole_and_its_leftover_is_removed(tmp_path: Path) -> None:
-    """Files are written to a temporary name, synced, then renamed: a power cut mid-write leaves
-    the previous file as it was plus a `.tmp<pid>` leftover, which the next start deletes."""
+def test_a_write_cut_short_leaves_the_other_files_whole_and_its_leftover_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files are written to a temporary name, synced, then renamed: a power cut before the rename
+    leaves the files written before as they were plus a `.tmp<pid>` leftover, which the next start
+    deletes; the cut entry is simply not there."""
+    import daemon.engine.prefix_cache as prefix_cache
+
     s = store(tmp_path)
-    PrefixCache(10_000_000, s).add([*SYSTEM, 1], b"one" * 100)
+    cache = PrefixCache(10_000_000, s)
+    cache.add([*SYSTEM, 1], b"one" * 100)
     s.stop()
     (written,) = s.dir.glob(f"*{SUFFIX}")
     assert not list(s.dir.glob("*.tmp*"))  # nothing left beside the file
-    leftover = written.with_suffix(".tmp4242")
-    leftover.write_bytes(written.read_bytes()[:40])  # the next write of it, cut short
+
+    def power_cut(src: object, dst: object) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(prefix_cache.os, "replace", power_cut)
+    s.start()
+    cache.add([*SYSTEM, 2, 2], b"two" * 100)
+    s.stop()
+    monkeypatch.undo()
+    (leftover,) = s.dir.glob("*.tmp*")
+    assert s.errors == 1 and list(s.dir.glob(f"*{SUFFIX}")) == [written]
     again = PrefixCache(10_000_000, store(tmp_path))
     assert again.load_from_disk() == 1
     entry, _ = again.best([*SYSTEM, 1])
     assert entry is not None and entry.state == b"one" * 100
+    assert again.best([*SYSTEM, 2, 2])[1] < len(SYSTEM) + 2  # the cut entry is not there
     assert not leftover.exists()

@@ -68,7 +68,7 @@ def _counts(text: str) -> tuple[int, ...]:
 def _kv_types(text: str) -> tuple[str, ...]:
     from daemon.config import KV_TYPES
 
-    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    chosen = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     wrong = [x for x in chosen if x not in KV_TYPES or x == "f16"]
     if wrong:
         raise argparse.ArgumentTypeError(f"kv types to compare with f16: {', '.join(KV_TYPES[1:])} (got {wrong})")

@@ -18,9 +18,6 @@ from daemon.bench.processes import BenchError, run_tool
 from daemon.bench.results import Results
 from daemon.bench.stats import rate
 
-# Bytes per KV element for each engine.kv_type (q8_0: 34 bytes per 32 values, q4_0: 18 per 32).
-KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-
 
 def record_decode(results: Results, key: str, contender: str, trace: Trace) -> None:
     """The decode request's figures (a short prompt, as llama-bench's tg decodes from an empty
@@ -176,19 +173,12 @@ def load_bare(model: Path, n_ctx: int, n_batch: int, threads: int, seed: int) ->
 
 
 def kv_bytes_estimate(metadata: dict[str, str], n_ctx: int, kv_type: str) -> int | None:
-    """K and V cells for `n_ctx` tokens in every layer (a full-size cache, as the prefix cache needs
-    on sliding-window models), from the GGUF's metadata; None when it lacks the numbers."""
-    arch = metadata.get("general.architecture", "")
+    """The KV cache by the daemon's one memory plan, from the GGUF's metadata; None when it lacks
+    the model's shape."""
+    from daemon.gguf import GgufError, ModelShape
+    from daemon.memory_plan import kv_cache_bytes
+
     try:
-        layers = int(metadata[f"{arch}.block_count"])
-        heads = int(metadata.get(f"{arch}.attention.head_count", "0"))
-        kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", str(heads)))
-        embd = int(metadata.get(f"{arch}.embedding_length", "0"))
-        default_head = embd // heads if heads else 0
-        k_len = int(metadata.get(f"{arch}.attention.key_length", str(default_head)))
-        v_len = int(metadata.get(f"{arch}.attention.value_length", str(default_head)))
-    except (KeyError, ValueError):
+        return kv_cache_bytes(ModelShape.from_metadata(dict(metadata)), n_ctx, kv_type)
+    except GgufError:
         return None
-    if not (layers and kv_heads and k_len and v_len):
-        return None
-    return int(n_ctx * layers * kv_heads * (k_len + v_len) * KV_ELEMENT_BYTES.get(kv_type, 2.0))

@@ -50,6 +50,8 @@ def from_dict(data: dict[str, Any]) -> Options:
     for key, value in data.items():
         if key not in known:
             continue
+        if key in ("concurrency", "kv_types") and not isinstance(value, list):
+            continue  # not what a run writes: the default
         if key == "concurrency":
             value = tuple(int(x) for x in value)
         elif key == "kv_types":

@@ -17,11 +17,11 @@ from daemon.bench.options import Options
 from daemon.bench.processes import BenchError, Broker, EdgeDaemon, LlamaServer
 from daemon.bench.procfs import cpu_seconds, rss_bytes
 from daemon.bench.results import Results
+from daemon.config import KV_TYPES
 
 MB = 1e6
 DAEMON, SERVER, KV = "daemon", "server", "kv"
-KV_TYPES = ("f16", "q8_0", "q4_0")  # engine.kv_type (daemon.config.KV_TYPES), indexed by a KV need
-Need = tuple[str, int]  # (DAEMON, engine.parallel), (SERVER, -np) or (KV, index in KV_TYPES)
+Need = tuple[str, int]  # (DAEMON, engine.parallel), (SERVER, -np) or (KV, index in daemon.config.KV_TYPES)
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,8 @@ class Pool:
         return found
 
     def kv_daemon(self, kv_type: str) -> EdgeDaemon:
-        """The main daemon (engine.parallel of the run), or one like it with another engine.kv_type."""
-        if kv_type == "f16":
-            return self.daemon(self.o.parallel)
+        """A fresh daemon like the main one (engine.parallel of the run) with this engine.kv_type: each
+        of them serves the KV group's requests alone, so their RSS compare like for like."""
         found = self._kv_daemons.get(kv_type)
         if found is None:
             self.log(f"starting edgellm serve, engine.kv_type = {kv_type}")

@@ -127,14 +127,14 @@ def checks(o: Options) -> list[Check]:
                   f"socket.aggregate.c{c}", f"llama_server.aggregate.c{c}", RATIO, Target(">=", 1.0) if gate else None),
             Check(CONCURRENCY, f"{c} clients, edgellm (parallel {c}) vs llama-batched-bench B={c}",
                   f"socket.aggregate.c{c}", f"batched_bench.tg.b{c}", RATIO, Target(">=", 0.9) if gate else None),
-            Check(CONCURRENCY, f"{c} clients, edgellm (parallel {c}) vs llama-batched-bench -kvu B={c} "
-                  "(one unified KV cache, as the daemon's)", f"socket.aggregate.c{c}", f"batched_bench.tg_kvu.b{c}",
-                  RATIO),
             # The same two, both with their prompt time (S_TG leaves it out, the aggregate cannot).
             Check(CONCURRENCY, f"{c} clients, edgellm (parallel {c}) vs llama-batched-bench B={c}, prompt time in both",
                   f"socket.aggregate.c{c}", f"batched_bench.total.b{c}", RATIO),
         ]
         if c > 1:
+            out.append(Check(CONCURRENCY, f"{c} clients, edgellm (parallel {c}) vs llama-batched-bench -kvu B={c} "
+                             "(one unified KV cache, as the daemon's)", f"socket.aggregate.c{c}",
+                             f"batched_bench.tg_kvu.b{c}", RATIO))
             out.append(Check(CONCURRENCY, f"{c} clients, edgellm (parallel {c}) vs the single-slot daemon",
                              f"socket.aggregate.c{c}", f"single_slot.aggregate.c{c}", RATIO, Target(">=", 1.0)))
         out.append(Check(CONCURRENCY, f"{c} clients, MQTT vs socket (both parallel {c})", f"mqtt.aggregate.c{c}",
@@ -216,7 +216,7 @@ def to_json(results: Results, verdicts: Sequence[Verdict]) -> dict[str, Any]:
 def fmt(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
-    if unit in ("% of a core",):
+    if unit in ("% of a core", "of 1"):
         return f"{value:.2f}"
     if unit in ("ms", "MB", "tokens") or abs(value) >= 1000:
         return f"{value:.0f}"

@@ -31,10 +31,11 @@ from daemon.bench.contenders import (
 )
 from daemon.bench.doors import Ask, BareDoor, Door, SocketDoor, Trace
 from daemon.bench.options import Options
-from daemon.bench.pool import DAEMON, KV, KV_TYPES, SERVER, Need, Pool, RunPlace
+from daemon.bench.pool import DAEMON, KV, SERVER, Need, Pool, RunPlace
 from daemon.bench.processes import BenchError, Broker, EdgeDaemon
 from daemon.bench.procfs import rss_bytes
 from daemon.bench.results import Results
+from daemon.config import KV_TYPES
 
 Step = tuple[str, Callable[[int], None], bool]  # (contender, one round of it, optional)
 Group = tuple[str, list[Need], Callable[[], list[Step]]]
@@ -127,7 +128,7 @@ class Runner:
             ("constrained output", [(DAEMON, main)], self._constrained_steps),
         ]
         if o.kv_types:
-            groups.append(("KV cache type", [(DAEMON, main), *[(KV, KV_TYPES.index(t)) for t in o.kv_types]],
+            groups.append(("KV cache type", [(KV, KV_TYPES.index(t)) for t in ("f16", *o.kv_types)],
                            self._kv_steps))
         for c in o.concurrency:
             needs = [(DAEMON, c), (DAEMON, 1), (SERVER, c)]
@@ -181,7 +182,7 @@ class Runner:
             # The same texts for every contender (new ones each time: no prefix cache helps), except
             # that the MQTT door of the same daemon gets its own tag. Decode is measured from a short
             # prompt, as llama-bench's tg from an empty context; prompt rate and TTFT with pp tokens.
-            trace = door.run(Ask(prompts.opening(f"{self.place.nonce}-{r}-{i}{door_tag}"), o.tg, o.seed))
+            trace = door.run(Ask(prompts.opening(f"{self.place.nonce}-{r}-{i}{door_tag}-d"), o.tg, o.seed))
             self._check_tokens(contender, trace, o.tg)
             record_decode(self.results, key, contender, trace)
             prompt = prompts.story(f"{self.place.nonce}-{r}-{i}{door_tag}", o.pp, self.count)
@@ -241,6 +242,7 @@ class Runner:
             prompt = prompts.story(f"{self.place.nonce}-kv-{r}-{i}", o.pp, self.count)
             trace = door.run(Ask(prompt, o.tg, o.seed))
             who = f"edgellm socket, kv {kv_type}"
+            self._check_tokens(who, trace, o.tg)
             self.results.add(f"kv.{kv_type}.decode", trace.reported_decode_tps, f"decode tok/s, {who}", "tok/s", who)
             self.results.add(f"kv.{kv_type}.prompt", trace.reported_prompt_tps, f"prompt tok/s, {who}", "tok/s", who)
             self._kv_answers[(kv_type, r, i)] = trace.text
@@ -341,8 +343,12 @@ class Runner:
                          f"llama-batched-bench generated tokens over its whole time (prompt included), B={c}",
                          "tok/s", "llama-batched-bench", note=note)
         if c > 1:  # the daemon keeps every stream in one unified KV cache (any request may use all n_ctx)
-            row = batched_bench(o.llama_batched_bench, self.place.model, o.threads, c, o.agg_prompt, o.agg_tokens,
-                                o.n_ctx, o.n_batch, unified=True)
+            try:
+                row = batched_bench(o.llama_batched_bench, self.place.model, o.threads, c, o.agg_prompt,
+                                    o.agg_tokens, o.n_ctx, o.n_batch, unified=True)
+            except BenchError as exc:  # an older build without -kvu: the default figures above stand
+                self.results.warn(f"llama-batched-bench -kvu failed: {exc}")
+                return
             self.results.add(f"batched_bench.tg_kvu.b{c}", row.speed_tg, f"llama-batched-bench -kvu S_TG, B={c}",
                              "tok/s", "llama-batched-bench", note=note + " -kvu")
 
