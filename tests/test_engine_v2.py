@@ -19,6 +19,9 @@ from tests.helpers import DaemonProcess, read_until_final, wait_status, write_co
 
 ONCE = "Once upon a time, there was a little"
 PARALLEL = {"engine": {"parallel": 4, "prompt_chunk": 64, "n_batch": 128}, "model": {"n_ctx": 2048}}
+# An 1800-token prompt evaluated in one llama_decode (seconds here): what the abort callback must stop.
+ONE_STEP = {"model": {"n_ctx": 2048}, "engine": {"n_batch": 2048, "prompt_chunk": 2048}}
+LONG_PROMPT = "story " * 1800
 
 
 def rss_kb(pid: int) -> int:
@@ -40,6 +43,23 @@ def tokens_and_final(events: list[dict[str, Any]]) -> tuple[list[str], dict[str,
     return [e["text"] for e in events if e["event"] == "token"], finals[0]
 
 
+def watch_batch(daemon: DaemonProcess, threads: list[threading.Thread]) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """Start the client threads and read status until they end: (the latest step's batch width,
+    the streams running) at each reading, and `engine.batch` afterwards."""
+    seen: list[tuple[int, int]] = []
+    with daemon.client() as c:
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            engine = c.status()["engine"]
+            seen.append((engine["batch"]["width"], len(engine["running"])))
+            time.sleep(0.01)
+        batch = c.status()["engine"]["batch"]
+    for t in threads:
+        t.join()
+    return seen, batch
+
+
 @pytest.fixture(scope="module")
 def parallel_daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Any:
     tmp = tmp_path_factory.mktemp("v2")
@@ -56,20 +76,8 @@ def test_four_streams_decode_together_and_agree_with_solo(parallel_daemon: Daemo
     def run(rid: str) -> None:
         results[rid] = stream_events(parallel_daemon, {"id": rid, **request})
 
-    threads = [threading.Thread(target=run, args=(f"p{i}",)) for i in range(4)]
-    most_running = 0
-    widths: list[tuple[int, int]] = []
-    with parallel_daemon.client() as c:
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            engine = c.status()["engine"]
-            most_running = max(most_running, len(engine["running"]))
-            widths.append((engine["batch"]["width"], len(engine["running"])))
-            time.sleep(0.02)
-        batch = c.status()["engine"]["batch"]
-    for t in threads:
-        t.join()
+    widths, batch = watch_batch(parallel_daemon, [threading.Thread(target=run, args=(f"p{i}",)) for i in range(4)])
+    most_running = max(running for _, running in widths)
     assert most_running >= 2, "the streams never ran at the same time"
     # Status shows how many streams the latest step decoded, and the rate measured at each width.
     assert all(width <= 4 for width, _ in widths) and any(width >= 1 for width, running in widths if running)
@@ -234,17 +242,7 @@ def test_with_adaptive_batch_off_every_stream_shares_each_decode_step(tmp_path: 
     with DaemonProcess(cfg) as d:
         d.wait_ready()
         threads = [threading.Thread(target=stream_events, args=(d, {"id": f"w{i}", **request})) for i in range(3)]
-        seen: list[tuple[int, int]] = []
-        with d.client() as c:
-            for t in threads:
-                t.start()
-            while any(t.is_alive() for t in threads):
-                engine = c.status()["engine"]
-                seen.append((engine["batch"]["width"], len(engine["running"])))
-                time.sleep(0.01)
-            batch = c.status()["engine"]["batch"]
-        for t in threads:
-            t.join()
+        seen, batch = watch_batch(d, threads)
     assert batch["adaptive"] is False
     assert any(width == 3 for width, _ in seen), seen
     # Never fewer than the streams running (a stream may end between the step and the reading), and
@@ -254,12 +252,11 @@ def test_with_adaptive_batch_off_every_stream_shares_each_decode_step(tmp_path: 
 
 
 def test_a_deadline_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Path) -> None:
-    cfg = write_config(tmp_path, gemma_path, {"model": {"n_ctx": 2048},
-                                              "engine": {"n_batch": 2048, "prompt_chunk": 2048}})
+    cfg = write_config(tmp_path, gemma_path, ONE_STEP)
     with DaemonProcess(cfg) as d:
         d.wait_ready()
         with d.client() as c:
-            final = c.call({"id": "long", "prompt": "story " * 1800, "raw": True, "max_tokens": 2,
+            final = c.call({"id": "long", "prompt": LONG_PROMPT, "raw": True, "max_tokens": 2,
                             "deadline_ms": 300})
             after = c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
         aborted = [e for e in d.log_events() if e.get("event") == "generation.step_aborted"]
@@ -382,12 +379,11 @@ def test_quantized_kv_cache_answers_and_takes_less_memory(tmp_path: Path, gemma_
 
 
 def test_cancel_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Path) -> None:
-    cfg = write_config(tmp_path, gemma_path, {"model": {"n_ctx": 2048},
-                                              "engine": {"n_batch": 2048, "prompt_chunk": 2048}})
+    cfg = write_config(tmp_path, gemma_path, ONE_STEP)
     with DaemonProcess(cfg) as d:
         d.wait_ready()
         with d.client() as c:
-            c.send({"id": "long", "prompt": "story " * 1800, "raw": True, "max_tokens": 2, "stream": True})
+            c.send({"id": "long", "prompt": LONG_PROMPT, "raw": True, "max_tokens": 2, "stream": True})
             time.sleep(0.3)  # inside the one 1800-token step
             c.send({"op": "cancel", "id": "long"})
             final = list(read_until_final(c, "long"))[-1]
