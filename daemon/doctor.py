@@ -245,8 +245,8 @@ def check_model(cfg: Config, env: DoctorEnv) -> Check:
 
 
 def check_memory(cfg: Config, env: DoctorEnv) -> Check:
-    from daemon.gguf import GgufError
-    from daemon.memory_plan import fits, plan_for_catalog, plan_for_file
+    from daemon.gguf import GgufError, read_header
+    from daemon.memory_plan import fits, plan_for_catalog, plan_for_engine
     from daemon.sensors import parse_meminfo
 
     try:
@@ -257,7 +257,7 @@ def check_memory(cfg: Config, env: DoctorEnv) -> Check:
     kv_type = cfg.engine.kv_type
     if path.is_file():
         try:
-            memory = plan_for_file(path, cfg.model.n_ctx, cfg.engine.step_tokens, kv_type, cfg.engine.parallel)
+            memory = plan_for_engine(read_header(path, tensors=False), cfg.model.n_ctx, cfg.engine)
         except (GgufError, OSError) as exc:
             return Check("memory", None, f"cannot size {path}: {exc}", "see the model check above")
     elif entry is not None and entry.size_bytes is not None:

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.gguf import GgufHeader, ModelShape, read_header
+
+if TYPE_CHECKING:
+    from daemon.config import EngineConfig
 
 MIB = 1024 * 1024
 # Bytes per cached K or V element: f16 is 2; q8_0 packs 32 elements in 34 bytes, q4_0 in 18.
@@ -86,6 +90,12 @@ def plan_for_header(
 def plan_for_file(path: Path, n_ctx: int, n_batch: int, kv_type: str = "f16", n_outputs: int = 1) -> MemoryPlan:
     """Raises daemon.gguf.GgufError (bad header) or OSError (unreadable)."""
     return plan_for_header(read_header(path, tensors=False), n_ctx, n_batch, kv_type, n_outputs)
+
+
+def plan_for_engine(header: GgufHeader, n_ctx: int, engine: EngineConfig) -> MemoryPlan:
+    """The plan of the context the engine builds for this config (its largest step, one logit row
+    per stream, its KV type). Raises daemon.gguf.GgufError when the metadata lacks the shape."""
+    return plan_for_header(header, n_ctx, engine.step_tokens, engine.kv_type, engine.parallel)
 
 
 def plan_for_catalog(size_bytes: int, f16_kv_bytes_per_token: int, n_ctx: int, kv_type: str = "f16") -> MemoryPlan:

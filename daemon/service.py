@@ -97,7 +97,7 @@ class Daemon:
         with a message that says so, before llama.cpp sees it (at start, on SIGHUP, on a reload)."""
         from daemon.engine import ModelLoadError
         from daemon.gguf import GgufError, check_model_file
-        from daemon.memory_plan import fits, plan_for_header
+        from daemon.memory_plan import fits, plan_for_engine
         from daemon.sensors import read_available_bytes
 
         try:
@@ -112,9 +112,7 @@ class Daemon:
         if available is None:
             return
         try:
-            memory = plan_for_header(
-                header, cfg.model.n_ctx, cfg.engine.step_tokens, cfg.engine.kv_type, cfg.engine.parallel
-            )
+            memory = plan_for_engine(header, cfg.model.n_ctx, cfg.engine)
         except GgufError as exc:
             log.warning("model.memory_plan_unknown", path=str(path), error=str(exc))
             return

@@ -77,11 +77,7 @@ class Pool:
         found = self._daemons.get(parallel)
         if found is None:
             self.log(f"starting edgellm serve, engine.parallel = {parallel}")
-            name = f"p{parallel}"
-            found = EdgeDaemon(self.place.dir / f"daemon-{name}", self.daemon_config(name, parallel))
-            self._daemons[parallel] = found
-            found.start()
-            self.warm_up(SocketDoor(found.socket_path))
+            found = self._start(self._daemons, parallel, f"p{parallel}", parallel)
         return found
 
     def kv_daemon(self, kv_type: str) -> EdgeDaemon:
@@ -90,13 +86,17 @@ class Pool:
         found = self._kv_daemons.get(kv_type)
         if found is None:
             self.log(f"starting edgellm serve, engine.kv_type = {kv_type}")
-            name = f"kv-{kv_type}"
-            found = EdgeDaemon(self.place.dir / f"daemon-{name}", self.daemon_config(name, self.o.parallel,
-                                                                                     kv_type=kv_type))
-            self._kv_daemons[kv_type] = found
-            found.start()
-            self.warm_up(SocketDoor(found.socket_path))
+            found = self._start(self._kv_daemons, kv_type, f"kv-{kv_type}", self.o.parallel, kv_type)
         return found
+
+    def _start(self, into: dict[Any, EdgeDaemon], key: Any, name: str, parallel: int,
+               kv_type: str = "f16") -> EdgeDaemon:
+        """A daemon of this run, kept in `into` under `key`, started and warmed up."""
+        daemon = EdgeDaemon(self.place.dir / f"daemon-{name}", self.daemon_config(name, parallel, kv_type=kv_type))
+        into[key] = daemon  # before the start: stop_all stops it even if the start fails
+        daemon.start()
+        self.warm_up(SocketDoor(daemon.socket_path))
+        return daemon
 
     def socket_door(self, parallel: int) -> SocketDoor:
         return SocketDoor(self.daemon(parallel).socket_path)

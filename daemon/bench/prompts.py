@@ -139,9 +139,3 @@ def json_request(i: int) -> str:
     command = _COMMANDS[i % len(_COMMANDS)]
     return (f"Turn the command into JSON with entity, action, value and a long reason.\nCommand: {command}\n"
             "JSON: ")
-
-
-def common_prefix(a: str, b: str) -> int:
-    """How many leading characters two answers share."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)

@@ -36,6 +36,7 @@ from daemon.bench.processes import BenchError, Broker, EdgeDaemon
 from daemon.bench.procfs import rss_bytes
 from daemon.bench.results import Results
 from daemon.config import KV_TYPES
+from daemon.engine.prefix_cache import common_prefix
 
 Step = tuple[str, Callable[[int], None], bool]  # (contender, one round of it, optional)
 Group = tuple[str, list[Need], Callable[[], list[Step]]]
@@ -246,10 +247,12 @@ class Runner:
             self.results.add(f"kv.{kv_type}.decode", trace.reported_decode_tps, f"decode tok/s, {who}", "tok/s", who)
             self.results.add(f"kv.{kv_type}.prompt", trace.reported_prompt_tps, f"prompt tok/s, {who}", "tok/s", who)
             self._kv_answers[(kv_type, r, i)] = trace.text
-            for t in KV_TYPES[1:]:
-                theirs, base = self._kv_answers.get((t, r, i)), self._kv_answers.get(("f16", r, i))
-                if theirs is not None and base and (kv_type == t or kv_type == "f16"):
-                    self.results.add(f"kv.{t}.agree", prompts.common_prefix(theirs, base) / len(base),
+            # Each pair once: when its second answer is in (the order of the types flips each round).
+            base = self._kv_answers.get(("f16", r, i))
+            for t in KV_TYPES[1:] if kv_type == "f16" else (kv_type,):
+                theirs = self._kv_answers.get((t, r, i))
+                if theirs is not None and base:
+                    self.results.add(f"kv.{t}.agree", common_prefix(theirs, base) / len(base),
                                      f"greedy answer, kv {t}: share of the f16 answer before the first difference",
                                      "of 1", f"edgellm socket, kv {t}", note=f"{o.tg}-token answers, characters")
         engine = daemon.status().get("engine") or {}
