@@ -150,7 +150,7 @@ def test_quick_run_ratios_follow_from_the_figures(quick_run: dict[str, Any]) -> 
 @pytest.mark.slow
 def test_quick_run_metadata_and_cleanup(quick_run: dict[str, Any], gemma_path: Path) -> None:
     meta = quick_run["meta"]
-    assert meta["schema"] == "edgellm-bench/1"
+    assert meta["schema"] == "edgellm-bench/2"
     assert meta["options"]["quick"] is True
     assert meta["options"]["threads"] == 2 and meta["options"]["seed"] == 42
     assert meta["model"]["size_bytes"] == gemma_path.stat().st_size
@@ -315,8 +315,11 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch: pytest.MonkeyP
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     results = _results({"socket.decode": [60.0], "llama_bench.tg": [70.0], "prefix.cold": [900.0],
-                        "prefix.warm": [40.0], "socket.aggregate.c2": [90.0], "single_slot.aggregate.c2": [60.0]})
-    results.meta["options"] = {"concurrency": [1, 2], "threads": 2}
+                        "prefix.warm": [40.0], "socket.aggregate.c2": [90.0], "single_slot.aggregate.c2": [60.0],
+                        "socket.decode_deep": [58.0], "llama_bench.tg_deep": [66.0], "mqtt.prefix.warm": [45.0],
+                        "batched_bench.tg_kvu.b2": [80.0], "kv.f16.decode": [60.0], "kv.q8_0.decode": [61.0],
+                        "kv.q8_0.kv_mb": [20.0], "kv.q8_0.rss": [398.0]})
+    results.meta["options"] = {"concurrency": [1, 2], "threads": 2, "pp": 128, "kv_types": ["q8_0"]}
     verdicts = report.evaluate(results, report.checks(Options(concurrency=(1, 2))))
     plot.write(tmp_path / "bench.png", results, verdicts)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -347,6 +350,29 @@ def test_a_saved_run_renders_again(quick_run: dict[str, Any], tmp_path: Path,
         assert section in table
     assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "--report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_report_reads_schema_1_with_a_warning_and_refuses_other_json(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    figures = {"socket.decode": {"label": "decode", "unit": "tok/s", "contender": "edgellm socket",
+                                 "samples": [55.0, 57.0]},
+               "llama_bench.tg": {"label": "tg", "unit": "tok/s", "contender": "llama-bench", "samples": [60.0]}}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"meta": {"schema": "edgellm-bench/1", "options": {"concurrency": [1]}},
+                               "figures": figures}))
+    assert main(["bench", "--report", str(old)]) == 0
+    table = capsys.readouterr().out
+    assert "warning: schema edgellm-bench/1" in table and "0.93×" in table  # 56 / 60
+    figures["socket.decode_deep"] = dict(figures["socket.decode"])  # session 8: /1, decode measured as /2
+    old.write_text(json.dumps({"meta": {"schema": "edgellm-bench/1"}, "figures": figures}))
+    assert main(["bench", "--report", str(old)]) == 0
+    assert "warning: schema" not in capsys.readouterr().out
+    for name, data in (("other.json", {"meta": {"schema": "edgellm-bench/9"}, "figures": figures}),
+                       ("none.json", {"figures": figures})):
+        (tmp_path / name).write_text(json.dumps(data))
+        assert main(["bench", "--report", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot read {tmp_path / name}" in err and "edgellm-bench/2" in err
 
 
 NATIVE_DIR = os.environ.get("EDGELLM_BENCH_NATIVE_DIR", "")

@@ -14,6 +14,7 @@ from typing import Any
 from daemon import __version__
 from daemon.bench.options import Options
 from daemon.bench.procfs import cpu_model
+from daemon.bench.results import SCHEMA
 
 
 def at_start(o: Options, model: Path) -> dict[str, Any]:
@@ -21,7 +22,7 @@ def at_start(o: Options, model: Path) -> dict[str, Any]:
     natives = (("llama-bench", o.llama_bench), ("llama-batched-bench", o.llama_batched_bench),
                ("llama-server", o.llama_server))
     return {
-        "schema": "edgellm-bench/1",
+        "schema": SCHEMA,
         "label": o.label,
         "edgellm_version": __version__,
         "git": git_describe(),

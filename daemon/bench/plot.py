@@ -46,6 +46,10 @@ def _bars(ax: Any, groups: list[tuple[str, list[tuple[str, float | None]]]], uni
     ax.grid(axis="y", alpha=0.3)
 
 
+def _scaled(value: float | None, divisor: float) -> float | None:
+    return None if value is None else value / divisor
+
+
 def write(path: Path, results: Results, verdicts: Sequence[Verdict]) -> None:
     import matplotlib
 
@@ -55,18 +59,23 @@ def write(path: Path, results: Results, verdicts: Sequence[Verdict]) -> None:
     v = results.value
     opts = results.meta.get("options", {})
     concurrency = opts.get("concurrency") or []
-    fig, (ax1, ax2, ax3, ax4) = plt.subplots(4, 1, figsize=(12, 17))
+    fig, (ax1, ax2, ax3, ax5, ax4) = plt.subplots(5, 1, figsize=(12, 21))
     _bars(ax1, [
         ("decode", [("llama-bench", v("llama_bench.tg")), ("bare", v("bare.decode")),
                     ("llama-server", v("llama_server.decode")), ("edgellm socket", v("socket.decode")),
                     ("edgellm MQTT", v("mqtt.decode"))]),
-        ("prompt / 10", [(name, None if x is None else x / 10) for name, x in (
+        ("prompt / 10", [(name, _scaled(x, 10)) for name, x in (
             ("llama-bench", v("llama_bench.pp")), ("bare", v("bare.prompt")),
             ("llama-server", v("llama_server.prompt")), ("edgellm socket", v("socket.prompt")),
             ("edgellm MQTT", v("mqtt.prompt")))]),
-    ], "tok/s", "Single stream (prompt rate divided by 10 to share the axis; llama-bench: pp)")
+        (f"decode after the {opts.get('pp')}-token prompt", [
+            ("llama-bench", v("llama_bench.tg_deep")), ("bare", v("bare.decode_deep")),
+            ("llama-server", v("llama_server.decode_deep")), ("edgellm socket", v("socket.decode_deep")),
+            ("edgellm MQTT", v("mqtt.decode_deep"))]),
+    ], "tok/s", "Single stream (prompt rate divided by 10 to share the axis; llama-bench: pp, tg, tg at -d pp)")
     _bars(ax2, [
         (f"{c} clients", [("llama-batched-bench S_TG", v(f"batched_bench.tg.b{c}")),
+                          ("llama-batched-bench -kvu S_TG", v(f"batched_bench.tg_kvu.b{c}")),
                           ("llama-server -np N", v(f"llama_server.aggregate.c{c}")),
                           ("edgellm single-slot", v(f"single_slot.aggregate.c{c}") if c > 1
                            else v(f"socket.aggregate.c{c}")),
@@ -75,11 +84,18 @@ def write(path: Path, results: Results, verdicts: Sequence[Verdict]) -> None:
         for c in concurrency
     ], "tok/s", "Aggregate over N concurrent streaming clients")
     _bars(ax3, [
-        (label, [("llama-server", v(f"llama_server.prefix.{key}")), ("edgellm", v(f"prefix.{key}"))])
+        (label, [("llama-server", v(f"llama_server.prefix.{key}")), ("edgellm", v(f"prefix.{key}")),
+                 ("edgellm MQTT", v(f"mqtt.prefix.{key}"))])
         for label, key in (("cold", "cold"), ("warm", "warm"), ("2 alternating", "alt2"), ("4 alternating", "alt4"))
     ] + [("after restart", [("edgellm", v("prefix.restart")),
                             ("edgellm, first after a start (cold)", v("restart.first_cold"))])], "ms (median)",
         "Time to first token with a long system prompt")
+    kv_types = ["f16", *(t for t in opts.get("kv_types") or [] if t != "f16")]
+    _bars(ax5, [
+        (label, [(f"kv {t}", _scaled(v(f"kv.{t}.{key}"), scale)) for t in kv_types])
+        for label, key, scale in (("decode tok/s", "decode", 1), ("prompt tok/s / 10", "prompt", 10),
+                                  ("KV cache MB", "kv_mb", 1), ("RSS MB / 10", "rss", 10))
+    ], "(see each group)", "KV cache type (engine.kv_type): daemons that differ only in it")
     gated = [x for x in verdicts if x.check.target is not None and x.check.kind == RATIO and x.result is not None]
     labels = [x.check.label if len(x.check.label) <= 60 else x.check.label[:58] + "…" for x in gated]
     ax4.barh(range(len(gated)), [x.result or 0 for x in gated],

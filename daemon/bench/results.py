@@ -8,6 +8,16 @@ from typing import Any
 
 from daemon.bench.stats import Summary, summarize
 
+# The JSON's `meta.schema`. /2 (session 8): `<door>.decode` comes from a ~15-token opening, as
+# llama-bench's tg decodes from an empty context; /1's came from the `--pp`-token prompt, which
+# /2 reports as `<door>.decode_deep`. New ids since /1: `llama_bench.tg_deep`,
+# `batched_bench.tg_kvu.b<B>`, `kv.<type>.*`, `mqtt.prefix.*`.
+SCHEMA = "edgellm-bench/2"
+SCHEMA_1_DECODE = (
+    "schema edgellm-bench/1: its <door>.decode figures were measured after the --pp-token prompt "
+    "(since edgellm-bench/2 they come from a ~15-token opening, the old meaning is <door>.decode_deep)"
+)
+
 
 @dataclass
 class Figure:
@@ -75,13 +85,21 @@ class Results:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Results:
-        """A run read back from its `--json` output (to render it again)."""
+        """A run read back from its `--json` output (to render it again); a ValueError for a JSON
+        that is not one (another schema, or none)."""
         results = cls()
         results.meta = dict(data.get("meta") or {})
+        schema = results.meta.get("schema")
+        if schema not in (SCHEMA, "edgellm-bench/1"):
+            raise ValueError(f"not an edgellm bench run: meta.schema is {schema!r}, "
+                             f"this edgellm reads {SCHEMA!r} and 'edgellm-bench/1'")
         results.warnings = list(data.get("warnings") or [])
         for key, fig in (data.get("figures") or {}).items():
             results.figures[key] = Figure(key, fig["label"], fig["unit"], fig["contender"],
                                           [float(x) for x in fig.get("samples") or []], fig.get("note", ""))
+        # Session 8's runs still said /1 but already measured decode as /2 does, with decode_deep beside it.
+        if schema == "edgellm-bench/1" and not any(key.endswith(".decode_deep") for key in results.figures):
+            results.warn(SCHEMA_1_DECODE)
         return results
 
     def warn(self, text: str) -> None:
