@@ -187,3 +187,18 @@ def wait_status(client: Client, predicate: Any, timeout: float = 10.0) -> dict[s
             return status
         assert time.monotonic() < deadline, f"condition not reached; last status: {status}"
         time.sleep(0.05)
+
+
+def rewrite_prefix_header(path: Path, changes: dict[str, Any], drop: str = "") -> None:
+    """Edit a persisted prefix-cache file's JSON header in place (MAGIC, u32 length, JSON, body),
+    as damage or another model's daemon would have left it."""
+    from daemon.engine.prefix_cache import MAGIC
+
+    data = path.read_bytes()
+    start = len(MAGIC) + 4
+    head_len = int.from_bytes(data[len(MAGIC):start], "little")
+    header = json.loads(data[start:start + head_len])
+    header.pop(drop, None)
+    header.update(changes)
+    head = json.dumps(header).encode()
+    path.write_bytes(MAGIC + len(head).to_bytes(4, "little") + head + data[start + head_len:])

@@ -317,6 +317,29 @@ def test_every_choice_key_rejects_unknown_values(tmp_path: Path, key: str, value
     assert one_error(path).startswith(f"{path}: {key}: must be one of ")
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("parallel = 17", "engine.parallel: must be <= 16 (got 17)"),
+        ("parallel = 0", "engine.parallel: must be >= 1 (got 0)"),
+        ("prompt_chunk = 8", "engine.prompt_chunk: must be >= 16 (got 8)"),
+        ('kv_type = "q5_1"', "engine.kv_type: must be one of "),
+        ("keep_alive_s = -0.5", "engine.keep_alive_s: must be -1 (keep loaded) or >= 0 seconds (got -0.5)"),
+        ("prefix_cache_mb = -1", "engine.prefix_cache_mb: must be >= 0 (got -1)"),
+        ("prefix_cache_disk_mb = -1", "engine.prefix_cache_disk_mb: must be >= 0 (got -1)"),
+        ('prefix_cache_persist = "yes"', 'engine.prefix_cache_persist: must be true or false (got string "yes")'),
+    ],
+)
+def test_the_engine_v2_keys_refuse_bad_values(tmp_path: Path, line: str, message: str) -> None:
+    path = write(tmp_path, f"[engine]\n{line}\n")
+    assert one_error(path).startswith(f"{path}: {message}")
+
+
+def test_queue_preempt_must_be_a_boolean(tmp_path: Path) -> None:
+    path = write(tmp_path, "[queue]\npreempt = 1\n")
+    assert one_error(path).startswith(f"{path}: queue.preempt: must be true or false (got integer 1)")
+
+
 # --- socket.mode ----------------------------------------------------------------------------------
 
 

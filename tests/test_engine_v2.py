@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import DaemonProcess, read_until_final, wait_status, write_config
+from tests.helpers import DaemonProcess, read_until_final, rewrite_prefix_header, wait_status, write_config
 
 ONCE = "Once upon a time, there was a little"
 PARALLEL = {"engine": {"parallel": 4, "prompt_chunk": 64, "n_batch": 128}, "model": {"n_ctx": 2048}}
@@ -307,28 +307,38 @@ def test_preempted_stream_resumes_exactly_where_it_stopped(tmp_path: Path, gemma
 
 def test_prefix_cache_survives_a_restart_and_bad_files_are_ignored(tmp_path: Path, gemma_path: Path) -> None:
     cfg = write_config(tmp_path, gemma_path, {"model": {"n_ctx": 2048}})
-    ask = {"messages": [{"role": "system", "content": system_prompt("garden")},
-                        {"role": "user", "content": "Water the roses?"}], "max_tokens": 2}
+
+    def ask(topic: str, question: str) -> dict[str, Any]:
+        return {"messages": [{"role": "system", "content": system_prompt(topic)},
+                             {"role": "user", "content": question}], "max_tokens": 2}
+
+    topics = ("garden", "kitchen", "hall")
     with DaemonProcess(cfg) as d:
         d.wait_ready()
         with d.client() as c:
-            assert c.call(ask)["timings"]["cached_tokens"] == 0
-    files = list((tmp_path / "state" / "prefix-cache").glob("*/*.kv"))
-    assert len(files) == 1
+            for topic in topics:
+                assert c.call(ask(topic, "Water the roses?"))["timings"]["cached_tokens"] == 0
     with DaemonProcess(cfg) as d:
         d.wait_ready()
         with d.client() as c:
-            warm = c.call({**ask, "messages": [ask["messages"][0], {"role": "user", "content": "And the tulips?"}]})
+            warm = c.call(ask("garden", "Water the roses?"))
     assert warm["timings"]["cached_tokens"] >= 0.8 * warm["usage"]["prompt_tokens"]
-    for f in (tmp_path / "state" / "prefix-cache").glob("*/*.kv"):
-        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated by a power cut
+    files = sorted((tmp_path / "state" / "prefix-cache").glob("*/*.kv"))
+    assert len(files) == 3  # the same prompt again saved nothing new
+    # Three kinds of bad file: cut short by a power cut, a damaged header, another model's.
+    files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])
+    rewrite_prefix_header(files[1], {"n_tokens": None})
+    rewrite_prefix_header(files[2], {"model_sha256": "0" * 64})
     with DaemonProcess(cfg) as d:
         d.wait_ready()
         with d.client() as c:
-            again = c.call(ask)
+            again = [c.call(ask(topic, "Water the roses?")) for topic in topics]
         ignored = [e for e in d.log_events() if e.get("event") == "prefix_cache.file_ignored"]
-    assert again["event"] == "done" and again["timings"]["cached_tokens"] == 0
-    assert len(ignored) >= 1
+    assert [a["event"] for a in again] == ["done"] * 3 and {a["timings"]["cached_tokens"] for a in again} == {0}
+    reasons = sorted(str(e["reason"]) for e in ignored)
+    assert len(reasons) == 3, reasons  # one line per file
+    assert reasons[0].startswith("bad header") and "another model_sha256" in reasons[1], reasons
+    assert reasons[2].startswith("truncated"), reasons
 
 
 def test_keep_alive_unloads_when_idle_and_reloads_on_demand(tmp_path: Path, gemma_path: Path) -> None:
@@ -393,6 +403,25 @@ def test_cancel_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Pa
     assert final["usage"]["completion_tokens"] == 0
     assert aborted, "the cancel did not reach into the running llama_decode"
     assert after["event"] == "done"
+
+
+def test_a_shutdown_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Path) -> None:
+    """SIGTERM with nothing left to drain for: the running llama_decode of a long prompt is
+    aborted (not waited for), its client hears `shutting_down`, and the daemon exits cleanly."""
+    cfg = write_config(tmp_path, gemma_path, {**ONE_STEP, "shutdown": {"drain_seconds": 0}})
+    with DaemonProcess(cfg) as d:
+        d.wait_ready()
+        with d.client() as c:
+            c.send({"id": "long", "prompt": LONG_PROMPT, "raw": True, "max_tokens": 2, "stream": True})
+            time.sleep(0.3)  # inside the one 1800-token step
+            d.signal(signal.SIGTERM)
+            final = list(read_until_final(c, "long"))[-1]
+        assert d.wait(60) == 0
+        events = d.log_events()
+    aborted = [e for e in events if e.get("event") == "generation.step_aborted"]
+    assert final["event"] == "error" and final["code"] == "shutting_down", final
+    assert aborted and aborted[0]["ids"] == ["long"], "the shutdown did not reach into the running llama_decode"
+    assert any(e.get("event") == "daemon.stopped" for e in events)
 
 
 def test_a_reload_that_switches_adaptive_batch_off_takes_effect(tmp_path: Path, gemma_path: Path) -> None:

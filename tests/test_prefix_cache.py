@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.engine.prefix_cache import MIN_TOKENS, SUFFIX, DiskStore, PrefixCache, model_sha256
+from daemon.engine.prefix_cache import MAGIC, MIN_TOKENS, SUFFIX, DiskStore, PrefixCache, model_sha256
+from tests.helpers import rewrite_prefix_header
 
 FINGERPRINT = {"format": 1, "model_sha256": "abc", "n_ctx": 2048, "kv_type": "f16"}
 SYSTEM = list(range(100, 100 + 2 * MIN_TOKENS))
@@ -184,3 +186,57 @@ def test_a_write_cut_short_leaves_the_other_files_whole_and_its_leftover_is_remo
     assert entry is not None and entry.state == b"one" * 100
     assert again.best([*SYSTEM, 2, 2])[1] < len(SYSTEM) + 2  # the cut entry is not there
     assert not leftover.exists()
+
+
+def _entry_file(head: bytes, body: bytes = b"") -> bytes:
+    return MAGIC + struct.pack("<I", len(head)) + head + body
+
+
+@pytest.mark.parametrize(
+    ("damage", "drop", "reason"),
+    [
+        ({"n_tokens": None}, "", "bad header"),
+        ({"n_tokens": "65"}, "", "bad header"),
+        ({"n_tokens": -1}, "", "bad header"),
+        ({"n_tokens": True}, "", "bad header"),
+        ({"state_bytes": None}, "", "bad header"),
+        ({"n_tokens": 1 << 40}, "", "truncated"),  # would have asked for 4 TB
+        ({"state_bytes": 1 << 40}, "", "truncated"),
+        ({}, "n_tokens", "bad header"),
+        ({}, "state_bytes", "bad header"),
+    ],
+)
+def test_a_damaged_header_is_ignored_with_a_log_line_and_the_rest_still_load(
+    tmp_path: Path, damage: dict[str, object], drop: str, reason: str
+) -> None:
+    s = store(tmp_path)
+    cache = PrefixCache(10_000_000, s)
+    cache.add([*SYSTEM, 1], b"a" * 500)
+    cache.add([*SYSTEM, 2], b"b" * 500)
+    s.stop()
+    victim = sorted(s.dir.glob("*.kv"))[0]
+    rewrite_prefix_header(victim, damage, drop)
+    with capture_logs() as logs:
+        assert PrefixCache(10_000_000, store(tmp_path)).load_from_disk() == 1
+    ignored = [e for e in logs if e["event"] == "prefix_cache.file_ignored"]
+    assert len(ignored) == 1 and reason in ignored[0]["reason"] and not victim.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        MAGIC,  # no header length
+        MAGIC + b"\xff\xff\xff\xff",  # a header length of 4 GiB in a 12-byte file
+        _entry_file(b"[" * 40_000 + b"]" * 40_000),  # nested deeper than json can go
+        _entry_file(b"\xff\xfe not utf-8"),
+        _entry_file(b'"a string"'),
+    ],
+)
+def test_a_file_with_a_broken_header_never_stops_the_load(tmp_path: Path, content: bytes) -> None:
+    s = store(tmp_path)
+    PrefixCache(10_000_000, s).add([*SYSTEM, 1], b"a" * 500)
+    s.stop()
+    (s.dir / f"{'0' * 64}{SUFFIX}").write_bytes(content)
+    with capture_logs() as logs:
+        assert PrefixCache(10_000_000, store(tmp_path)).load_from_disk() == 1
+    assert [e["event"] for e in logs].count("prefix_cache.file_ignored") == 1

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import structlog
 
@@ -30,6 +30,8 @@ log = structlog.get_logger(__name__)
 MAGIC = b"EDGEPFX1"
 FORMAT_VERSION = 1
 SUFFIX = ".kv"
+# A header is a few hundred bytes of JSON (the fingerprint, two counts, a checksum).
+_MAX_HEADER_BYTES = 64 * 1024
 # Prompts shorter than this are cheap to evaluate again: not worth an entry.
 MIN_TOKENS = 32
 _WRITE_QUEUE = 8
@@ -329,19 +331,32 @@ class DiskStore:
         return self._read(self.dir / f"{key}{SUFFIX}")
 
     def _read(self, path: Path) -> Entry:
+        """Raises OSError or ValueError (with what is wrong) for a file that is not a whole entry
+        of this model: every length is checked against the file's size before it is read, so a
+        damaged header can neither make it allocate gigabytes nor fail in any other way."""
         with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
             if f.read(len(MAGIC)) != MAGIC:
                 raise ValueError("not a prefix-cache file")
-            (head_len,) = struct.unpack("<I", f.read(4))
-            header = json.loads(f.read(head_len))
-            if not isinstance(header, dict):
-                raise ValueError("bad header")
+            raw_len = f.read(4)
+            if len(raw_len) < 4:
+                raise ValueError("truncated: no header")
+            (head_len,) = struct.unpack("<I", raw_len)
+            if head_len > min(_MAX_HEADER_BYTES, size - f.tell()):
+                raise ValueError(f"bad header length {head_len}")
+            header = _json_object(f.read(head_len))
             for key, value in self.fingerprint.items():
                 if header.get(key) != value:
                     raise ValueError(f"made for another {key}")
-            n_tokens, state_bytes = int(header["n_tokens"]), int(header["state_bytes"])
+            n_tokens, state_bytes = header.get("n_tokens"), header.get("state_bytes")
+            if not _count(n_tokens) or not _count(state_bytes):
+                raise ValueError(f"bad header: n_tokens {n_tokens!r}, state_bytes {state_bytes!r}")
+            body = size - f.tell()
+            if 4 * n_tokens > body:
+                raise ValueError(f"truncated: {body} bytes for {n_tokens} tokens")
             tokens = struct.unpack(f"<{n_tokens}i", f.read(4 * n_tokens))
-            state = f.read(state_bytes + 1)  # read straight into the one bytes object kept
+            # At most one byte more than the header says (to notice a longer file), never more than is there.
+            state = f.read(min(state_bytes + 1, body - 4 * n_tokens))
         if len(state) < state_bytes:
             raise ValueError(f"truncated: {len(state)} of {state_bytes} state bytes")
         if len(state) > state_bytes:
@@ -352,6 +367,20 @@ class DiskStore:
         if entry.key != path.name[: -len(SUFFIX)]:
             raise ValueError("file name does not match its tokens")
         return entry
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except RecursionError:  # deeply nested brackets: not a header this module wrote
+        raise ValueError("bad header") from None
+    if not isinstance(header, dict):
+        raise ValueError("bad header")
+    return header
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def model_sha256(path: Path, cache_file: Path) -> str:
