@@ -52,6 +52,22 @@ def test_a_stop_string_ends_the_answer_before_it(shared_daemon: DaemonProcess) -
     assert done["usage"]["completion_tokens"] == 3  # " girl", " named", " Lily"
 
 
+def test_characters_split_over_byte_tokens_stream_whole(shared_daemon: DaemonProcess) -> None:
+    """Gemma 3's vocabulary has no token for 🦩, 𠜎 or ꙮ: they come as 4, 4 and 3 byte tokens (its
+    byte fallback). A grammar makes the real model write them; every streamed `token` holds whole
+    characters only (the bytes of one are held until it is complete), and they add up to the text."""
+    text = "Birds: 🦩🦩, rare: 𠜎ꙮ!"
+    with shared_daemon.client() as c:
+        events = collect(c, {"id": "utf8", "prompt": ONCE, "raw": True, "max_tokens": 40, "stream": True,
+                             "temperature": 0, "grammar": f'root ::= "{text}"'})
+    done = final(events)
+    tokens = [str(e["text"]) for e in events if e["event"] == "token"]
+    assert done["event"] == "done" and done["text"] == text, done
+    assert "".join(tokens) == text and not any("\ufffd" in t for t in tokens), tokens
+    # The four rare characters alone took 4 + 4 + 4 + 3 byte tokens; fewer streamed events than tokens.
+    assert done["usage"]["completion_tokens"] >= 15 + 1 and len(tokens) < done["usage"]["completion_tokens"]
+
+
 def test_chat_uses_gemma_template(shared_daemon: DaemonProcess) -> None:
     with shared_daemon.client() as c:
         status = c.status()
