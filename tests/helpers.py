@@ -189,7 +189,7 @@ def wait_status(client: Client, predicate: Any, timeout: float = 10.0) -> dict[s
         time.sleep(0.05)
 
 
-def rewrite_prefix_header(path: Path, changes: dict[str, Any], drop: str = "") -> None:
+def rewrite_prefix_header(path: Path, changes: dict[str, Any], drop: str | None = None) -> None:
     """Edit a persisted prefix-cache file's JSON header in place (MAGIC, u32 length, JSON, body),
     as damage or another model's daemon would have left it."""
     from daemon.engine.prefix_cache import MAGIC
@@ -198,7 +198,8 @@ def rewrite_prefix_header(path: Path, changes: dict[str, Any], drop: str = "") -
     start = len(MAGIC) + 4
     head_len = int.from_bytes(data[len(MAGIC):start], "little")
     header = json.loads(data[start:start + head_len])
-    header.pop(drop, None)
+    if drop is not None:
+        del header[drop]
     header.update(changes)
     head = json.dumps(header).encode()
     path.write_bytes(MAGIC + len(head).to_bytes(4, "little") + head + data[start + head_len:])

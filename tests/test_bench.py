@@ -35,6 +35,7 @@ QUICK_FIGURES = [
     "prefix.cold", "prefix.warm", "prefix.alt2", "prefix.alt4", "prefix.restart", "restart.first_cold",
     "mqtt.prefix.cold", "mqtt.prefix.warm", "mqtt.prefix.alt2", "mqtt.prefix.alt4",
     "idle.cpu.p1", "idle.cpu.p2", "idle.rss.p1", "idle.rss.p2", "memory.bound.p1", "memory.bound.p2",
+    "idle.rss_file.p1", "idle.rss_anon.p1", "idle.rss_file.p2", "idle.rss_anon.p2",
     *(f"kv.{t}.{what}" for t in ("f16", "q8_0") for what in ("decode", "prompt", "kv_mb", "rss")), "kv.q8_0.agree",
 ]
 # An idle daemon may use no CPU at all; a cold prompt caches none; a quantized cache's greedy answer
@@ -114,6 +115,11 @@ def test_quick_run_has_every_figure_as_a_positive_number(quick_run: dict[str, An
         assert fig["label"] and fig["unit"] and fig["contender"], key
     # Native tools were not given: none of their figures may appear.
     assert not [k for k in figures if k.startswith(("llama_bench.", "batched_bench.", "llama_server."))]
+    # The idle RSS split, read at one instant: its parts add up (shared memory aside), and the
+    # mapped model file is most of the file-backed part.
+    rss, mapped, anon = (figures[f"idle.{k}.p2"]["value"] for k in ("rss", "rss_file", "rss_anon"))
+    assert abs(mapped + anon - rss) < 2.0, (rss, mapped, anon)
+    assert mapped > 0.8 * quick_run["meta"]["model"]["size_bytes"] / 1e6, (mapped, quick_run["meta"]["model"])
 
 
 @pytest.mark.slow
@@ -321,8 +327,14 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
                         "kv.q8_0.kv_mb": [20.0], "kv.q8_0.rss": [398.0]})
     results.meta["options"] = {"concurrency": [1, 2], "threads": 2, "pp": 128, "kv_types": ["q8_0"]}
     verdicts = report.evaluate(results, report.checks(Options(concurrency=(1, 2))))
-    plot.write(tmp_path / "bench.png", results, verdicts)
+    titles = plot.write(tmp_path / "bench.png", results, verdicts)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(titles) == 5 and titles[3].startswith("KV cache type"), titles
+    # A run without the KV group (--kv-types '') gets no empty panel for it.
+    for key in [k for k in results.figures if k.startswith("kv.")]:
+        del results.figures[key]
+    titles = plot.write(tmp_path / "bench.png", results, verdicts)
+    assert len(titles) == 4 and not any(t.startswith("KV cache type") for t in titles), titles
 
 
 def test_generated_daemon_config_is_valid(tmp_path: Path) -> None:
@@ -367,12 +379,20 @@ def test_report_reads_schema_1_with_a_warning_and_refuses_other_json(tmp_path: P
     old.write_text(json.dumps({"meta": {"schema": "edgellm-bench/1"}, "figures": figures}))
     assert main(["bench", "--report", str(old)]) == 0
     assert "warning: schema" not in capsys.readouterr().out
-    for name, data in (("other.json", {"meta": {"schema": "edgellm-bench/9"}, "figures": figures}),
-                       ("none.json", {"figures": figures})):
+    meta = {"schema": "edgellm-bench/2"}
+    for name, data, says in (
+        ("other.json", {"meta": {"schema": "edgellm-bench/9"}, "figures": figures}, "'edgellm-bench/9'"),
+        ("none.json", {"meta": {}, "figures": figures}, "meta.schema is None"),
+        ("list.json", [1, 2], "no 'meta' object"),
+        ("figure.json", {"meta": meta, "figures": {"socket.decode": 5}}, "'socket.decode': not a figure"),
+        ("sample.json", {"meta": meta, "figures": {"x": {**figures["socket.decode"], "samples": [None]}}},
+         "'x': a sample is not a number"),
+        ("options.json", {"meta": {**meta, "options": {"concurrency": ["many"]}}, "figures": figures}, "many"),
+    ):
         (tmp_path / name).write_text(json.dumps(data))
         assert main(["bench", "--report", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
-        assert f"cannot read {tmp_path / name}" in err and "edgellm-bench/2" in err
+        assert f"cannot read {tmp_path / name}: " in err and says in err, err
 
 
 NATIVE_DIR = os.environ.get("EDGELLM_BENCH_NATIVE_DIR", "")

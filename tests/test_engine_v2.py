@@ -392,9 +392,10 @@ def test_cancel_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Pa
     cfg = write_config(tmp_path, gemma_path, ONE_STEP)
     with DaemonProcess(cfg) as d:
         d.wait_ready()
-        with d.client() as c:
+        with d.client() as c, d.client() as watcher:
             c.send({"id": "long", "prompt": LONG_PROMPT, "raw": True, "max_tokens": 2, "stream": True})
-            time.sleep(0.3)  # inside the one 1800-token step
+            wait_status(watcher, lambda s: s["engine"]["running"] == ["long"], timeout=30)
+            time.sleep(0.3)  # inside the one 1800-token step (seconds long), not before it
             c.send({"op": "cancel", "id": "long"})
             final = list(read_until_final(c, "long"))[-1]
             after = c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
@@ -408,29 +409,32 @@ def test_cancel_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Pa
 def test_finished_streams_give_their_kv_cells_back(tmp_path: Path, gemma_path: Path) -> None:
     """A context of 256 cells: four short requests at once take all four sequences (about 60 cells
     each), then long ones (about 175 cells) run one after another. They fit only if the finished
-    streams' cells were freed in llama.cpp's cache (leaked ones make llama_decode find no room:
-    `kv_full`); a sequence's own leftovers would be cleared when it is reused, the others' not."""
+    streams' cells were freed in llama.cpp's cache (leaked ones make llama_decode find no room);
+    a sequence's own leftovers would be cleared when it is reused, the others' not."""
     cfg = write_config(tmp_path, gemma_path, {"model": {"n_ctx": 256}, "engine": {"parallel": 4}})
     finals: list[dict[str, Any]] = []
 
     def short(k: int) -> None:
         with d.client() as c:
-            finals.append(c.call({"prompt": f"Note {k}: " + "the hall light is on. " * 5, "raw": True,
-                                  "max_tokens": 24, "temperature": 0}))
+            finals.append(c.call({"prompt": f"Note {k}: the hall", "raw": True, "max_tokens": 52,
+                                  "temperature": 0}))
 
     with DaemonProcess(cfg) as d:
         d.wait_ready()
-        threads = [threading.Thread(target=short, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
+        with d.client() as watcher:
+            threads = [threading.Thread(target=short, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            together = wait_status(watcher, lambda s: len(s["engine"]["running"]) == 4, timeout=30)
+            for t in threads:
+                t.join(300)
         with d.client() as c:
             for i in range(3):
                 prompt = f"List {i}: " + " ".join(f"room {i} item {j}." for j in range(19))
                 finals.append(c.call({"prompt": prompt, "raw": True, "max_tokens": 24, "temperature": 0}))
             status = c.status()
         events = d.log_events()
+    assert together["engine"]["kv_cells_reserved"] > 200, together["engine"]  # four streams on four sequences
     assert len(finals) == 7 and all(f["event"] == "done" for f in finals), finals
     assert all(f["usage"]["prompt_tokens"] > 120 for f in finals[4:]), [f["usage"] for f in finals]
     assert not [e for e in events if e.get("event") in ("generation.kv_full", "generation.step_failed")]
@@ -443,9 +447,10 @@ def test_a_shutdown_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path
     cfg = write_config(tmp_path, gemma_path, {**ONE_STEP, "shutdown": {"drain_seconds": 0}})
     with DaemonProcess(cfg) as d:
         d.wait_ready()
-        with d.client() as c:
+        with d.client() as c, d.client() as watcher:
             c.send({"id": "long", "prompt": LONG_PROMPT, "raw": True, "max_tokens": 2, "stream": True})
-            time.sleep(0.3)  # inside the one 1800-token step
+            wait_status(watcher, lambda s: s["engine"]["running"] == ["long"], timeout=30)
+            time.sleep(0.3)  # inside the one 1800-token step (seconds long), not before it
             d.signal(signal.SIGTERM)
             final = list(read_until_final(c, "long"))[-1]
         assert d.wait(60) == 0

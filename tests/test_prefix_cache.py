@@ -195,19 +195,23 @@ def _entry_file(head: bytes, body: bytes = b"") -> bytes:
 @pytest.mark.parametrize(
     ("damage", "drop", "reason"),
     [
-        ({"n_tokens": None}, "", "bad header"),
-        ({"n_tokens": "65"}, "", "bad header"),
-        ({"n_tokens": -1}, "", "bad header"),
-        ({"n_tokens": True}, "", "bad header"),
-        ({"state_bytes": None}, "", "bad header"),
-        ({"n_tokens": 1 << 40}, "", "truncated"),  # would have asked for 4 TB
-        ({"state_bytes": 1 << 40}, "", "truncated"),
+        ({"n_tokens": None}, None, "bad header"),
+        ({"n_tokens": "65"}, None, "bad header"),
+        ({"n_tokens": -1}, None, "bad header"),
+        ({"n_tokens": 0}, None, "bad header"),
+        ({"n_tokens": True}, None, "bad header"),
+        ({"state_bytes": None}, None, "bad header"),
+        ({"n_tokens": 2049}, None, "bad header"),  # more than n_ctx: never a prompt of this context
+        ({"n_tokens": 2000}, None, "truncated"),  # possible, but the file does not hold them
+        ({"state_bytes": 1 << 40}, None, "truncated"),  # would have asked for 1 TB
+        ({"state_bytes": 10}, None, "longer than its header says"),
         ({}, "n_tokens", "bad header"),
         ({}, "state_bytes", "bad header"),
+        ({"state_sha256": "0" * 64}, None, "state checksum mismatch"),
     ],
 )
 def test_a_damaged_header_is_ignored_with_a_log_line_and_the_rest_still_load(
-    tmp_path: Path, damage: dict[str, object], drop: str, reason: str
+    tmp_path: Path, damage: dict[str, object], drop: str | None, reason: str
 ) -> None:
     s = store(tmp_path)
     cache = PrefixCache(10_000_000, s)
@@ -219,24 +223,39 @@ def test_a_damaged_header_is_ignored_with_a_log_line_and_the_rest_still_load(
     with capture_logs() as logs:
         assert PrefixCache(10_000_000, store(tmp_path)).load_from_disk() == 1
     ignored = [e for e in logs if e["event"] == "prefix_cache.file_ignored"]
-    assert len(ignored) == 1 and reason in ignored[0]["reason"] and not victim.exists()
+    assert len(ignored) == 1 and ignored[0]["reason"].startswith(reason), ignored
+    assert not victim.exists()
 
 
 @pytest.mark.parametrize(
-    "content",
+    ("content", "reason"),
     [
-        MAGIC,  # no header length
-        MAGIC + b"\xff\xff\xff\xff",  # a header length of 4 GiB in a 12-byte file
-        _entry_file(b"[" * 40_000 + b"]" * 40_000),  # nested deeper than json can go
-        _entry_file(b"\xff\xfe not utf-8"),
-        _entry_file(b'"a string"'),
+        (MAGIC, "truncated: no header"),
+        (MAGIC + b"\xff\xff\xff\xff", "bad header length"),  # 4 GiB of header in a 12-byte file
+        (_entry_file(b"[" * 30_000 + b"]" * 30_000), "bad header"),  # nested deeper than json can go
+        (_entry_file(b'{"format": "\xff"}'), "'utf-8' codec can't decode"),
+        (_entry_file(b'"a string"'), "bad header"),
+        (_entry_file(b"{" * 10), "Expecting property name"),
     ],
 )
-def test_a_file_with_a_broken_header_never_stops_the_load(tmp_path: Path, content: bytes) -> None:
+def test_a_file_with_a_broken_header_never_stops_the_load(tmp_path: Path, content: bytes, reason: str) -> None:
     s = store(tmp_path)
     PrefixCache(10_000_000, s).add([*SYSTEM, 1], b"a" * 500)
     s.stop()
-    (s.dir / f"{'0' * 64}{SUFFIX}").write_bytes(content)
+    (s.dir / f"{'0' * 32}{SUFFIX}").write_bytes(content)
     with capture_logs() as logs:
         assert PrefixCache(10_000_000, store(tmp_path)).load_from_disk() == 1
-    assert [e["event"] for e in logs].count("prefix_cache.file_ignored") == 1
+    ignored = [e for e in logs if e["event"] == "prefix_cache.file_ignored"]
+    assert len(ignored) == 1 and ignored[0]["reason"].startswith(reason), ignored
+
+
+def test_odd_things_in_the_folder_are_skipped(tmp_path: Path) -> None:
+    """A directory named like an entry, a dangling link: logged and skipped, the rest load."""
+    s = store(tmp_path)
+    PrefixCache(10_000_000, s).add([*SYSTEM, 1], b"a" * 500)
+    s.stop()
+    (s.dir / f"{'1' * 32}{SUFFIX}").mkdir()
+    (s.dir / f"{'2' * 32}{SUFFIX}").symlink_to(tmp_path / "nowhere")
+    with capture_logs() as logs:
+        assert PrefixCache(10_000_000, store(tmp_path)).load_from_disk() == 1
+    assert [e["event"] for e in logs].count("prefix_cache.file_ignored") == 2

@@ -134,18 +134,20 @@ def run(args: argparse.Namespace) -> int:
         for error in errors:
             sys.stderr.write(f"edgellm bench: {error}\n")
         return 2
-    try:
-        if args.report is not None:
+    if args.report is not None:
+        try:
             results = Results.from_json(json.loads(args.report.read_text()))
-            o = options.from_dict(results.meta.get("options") or {})
-        else:
+            recorded = results.meta.get("options")
+            o = options.from_dict(recorded if isinstance(recorded, dict) else {})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sys.stderr.write(f"edgellm bench: cannot read {args.report}: {exc}\n")
+            return 2
+    else:
+        try:
             results = Runner(o, main_stderr).run()
-    except (OSError, ValueError, KeyError) as exc:
-        sys.stderr.write(f"edgellm bench: cannot read {args.report}: {exc}\n")
-        return 2
-    except BenchError as exc:
-        sys.stderr.write(f"edgellm bench: {exc}\n")
-        return 1
+        except (BenchError, OSError) as exc:
+            sys.stderr.write(f"edgellm bench: {exc}\n")
+            return 1
     verdicts = report.evaluate(results, report.checks(o))
     if args.json:
         sys.stdout.write(json.dumps(report.to_json(results, verdicts), indent=2, ensure_ascii=False) + "\n")

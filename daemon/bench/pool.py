@@ -15,7 +15,7 @@ from daemon.bench.contenders import kv_bytes_estimate
 from daemon.bench.doors import Ask, Door, LlamaServerDoor, MqttDoor, SocketDoor
 from daemon.bench.options import Options
 from daemon.bench.processes import BenchError, Broker, EdgeDaemon, LlamaServer
-from daemon.bench.procfs import cpu_seconds, rss_bytes
+from daemon.bench.procfs import cpu_seconds, memory_bytes
 from daemon.bench.results import Results
 from daemon.config import KV_TYPES
 
@@ -167,12 +167,19 @@ class Pool:
         elapsed = time.monotonic() - started
         for (kind, p), pid in pids.items():
             cpu = (cpu_seconds(pid) - before[(kind, p)]) / elapsed * 100.0
-            rss = rss_bytes(pid) / MB
+            memory = memory_bytes(pid)
+            rss = memory["VmRSS"] / MB
             if kind == DAEMON:
                 who = f"edgellm (parallel {p})"
                 self.results.add(f"idle.cpu.p{p}", cpu, f"idle CPU, {who}", "% of a core", who,
                                  note=f"/proc/<pid>/stat over {self.o.idle_s:g} s")
                 self.results.add(f"idle.rss.p{p}", rss, f"RSS idle, {who}", "MB", who, note="VmRSS")
+                # Where the RSS is: mapped files (the model, libraries) and anonymous memory.
+                self.results.add(f"idle.rss_file.p{p}", memory.get("RssFile", 0) / MB,
+                                 f"RSS idle, mapped files (model, libraries), {who}", "MB", who, note="RssFile")
+                self.results.add(f"idle.rss_anon.p{p}", memory.get("RssAnon", 0) / MB,
+                                 f"RSS idle, anonymous (heap, llama.cpp buffers, KV), {who}", "MB", who,
+                                 note="RssAnon")
                 self.results.add(f"memory.bound.p{p}", self._memory_bound(daemons[p]),
                                  f"model file + KV cache + 80 MB, {who}", "MB", who)
             else:

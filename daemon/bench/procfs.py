@@ -18,11 +18,21 @@ def cpu_seconds(pid: int) -> float:
 
 def rss_bytes(pid: int) -> int:
     """VmRSS: resident memory, file-backed pages of a mapped model included."""
+    return memory_bytes(pid)["VmRSS"]
+
+
+def memory_bytes(pid: int) -> dict[str, int]:
+    """VmRSS and its parts from /proc/<pid>/status: RssAnon (heap, llama.cpp's buffers, KV cache),
+    RssFile (mapped files: the model, shared libraries), RssShmem."""
+    out: dict[str, int] = {}
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise ValueError(f"no VmRSS for process {pid}")
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
+    if "VmRSS" not in out:
+        raise ValueError(f"no VmRSS for process {pid}")
+    return out
 
 
 def idle_cpu_pct(pid: int, seconds: float) -> float:

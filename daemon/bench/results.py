@@ -13,9 +13,10 @@ from daemon.bench.stats import Summary, summarize
 # /2 reports as `<door>.decode_deep`. New ids since /1: `llama_bench.tg_deep`,
 # `batched_bench.tg_kvu.b<B>`, `kv.<type>.*`, `mqtt.prefix.*`.
 SCHEMA = "edgellm-bench/2"
+SCHEMA_1 = "edgellm-bench/1"
 SCHEMA_1_DECODE = (
-    "schema edgellm-bench/1: its <door>.decode figures were measured after the --pp-token prompt "
-    "(since edgellm-bench/2 they come from a ~15-token opening, the old meaning is <door>.decode_deep)"
+    f"schema {SCHEMA_1}: its <door>.decode figures were measured after the --pp-token prompt "
+    f"(since {SCHEMA} they come from a ~15-token opening, the old meaning is <door>.decode_deep)"
 )
 
 
@@ -84,21 +85,32 @@ class Results:
         return None if fig is None else fig.value
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Results:
-        """A run read back from its `--json` output (to render it again); a ValueError for a JSON
-        that is not one (another schema, or none)."""
+    def from_json(cls, data: Any) -> Results:
+        """A run read back from its `--json` output (to render it again); a ValueError, saying
+        what is wrong, for anything else."""
+        if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
+            raise ValueError("not an edgellm bench run: no 'meta' object")
         results = cls()
-        results.meta = dict(data.get("meta") or {})
+        results.meta = dict(data["meta"])
         schema = results.meta.get("schema")
-        if schema not in (SCHEMA, "edgellm-bench/1"):
-            raise ValueError(f"not an edgellm bench run: meta.schema is {schema!r}, "
-                             f"this edgellm reads {SCHEMA!r} and 'edgellm-bench/1'")
-        results.warnings = list(data.get("warnings") or [])
-        for key, fig in (data.get("figures") or {}).items():
+        if schema not in (SCHEMA, SCHEMA_1):
+            raise ValueError(f"meta.schema is {schema!r}: this edgellm reads {SCHEMA!r} and {SCHEMA_1!r} "
+                             "(a run of another version, or not a bench run)")
+        figures = data.get("figures") or {}
+        if not isinstance(figures, dict):
+            raise ValueError("'figures' is not an object")
+        for key, fig in figures.items():
+            samples = fig.get("samples") if isinstance(fig, dict) else None
+            if not isinstance(fig, dict) or not isinstance(samples or [], list) or not all(
+                    isinstance(fig.get(k), str) for k in ("label", "unit", "contender")):
+                raise ValueError(f"figure {key!r}: not a figure (label, unit, contender, samples)")
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in samples or []):
+                raise ValueError(f"figure {key!r}: a sample is not a number")
             results.figures[key] = Figure(key, fig["label"], fig["unit"], fig["contender"],
-                                          [float(x) for x in fig.get("samples") or []], fig.get("note", ""))
+                                          [float(x) for x in samples or []], str(fig.get("note", "")))
+        results.warnings = [str(w) for w in data.get("warnings") or [] if isinstance(w, str)]
         # Session 8's runs still said /1 but already measured decode as /2 does, with decode_deep beside it.
-        if schema == "edgellm-bench/1" and not any(key.endswith(".decode_deep") for key in results.figures):
+        if schema == SCHEMA_1 and not any(key.endswith(".decode_deep") for key in results.figures):
             results.warn(SCHEMA_1_DECODE)
         return results
 

@@ -11,6 +11,7 @@ setting is never offered. A file that is corrupt or truncated is dropped with on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -306,16 +307,17 @@ class DiskStore:
         if not self.dir.is_dir():
             return []
         for stale in self.dir.glob("*.tmp*"):
-            stale.unlink(missing_ok=True)
-        paths = sorted(self.dir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
+            with contextlib.suppress(OSError):
+                stale.unlink(missing_ok=True)
         out: list[Entry] = []
         total = 0
-        for path in paths:
+        for path in self._newest_first():
             try:
                 entry = self._read(path)
             except (OSError, ValueError, struct.error) as exc:
                 log.warning("prefix_cache.file_ignored", file=str(path), reason=str(exc))
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a directory of that name, a read-only folder
+                    path.unlink(missing_ok=True)
                 continue
             if total + entry.size > max_bytes:
                 break
@@ -326,14 +328,23 @@ class DiskStore:
             log.info("prefix_cache.loaded", entries=len(out), bytes=total, dir=str(self.dir))
         return out
 
+    def _newest_first(self) -> list[Path]:
+        dated: list[tuple[float, Path]] = []
+        for path in self.dir.glob(f"*{SUFFIX}"):
+            try:
+                dated.append((path.stat().st_mtime, path))
+            except OSError:  # gone meanwhile, or a dangling link: _read says why
+                dated.append((0.0, path))
+        return [path for _, path in sorted(dated, key=lambda item: item[0], reverse=True)]
+
     def read(self, key: str) -> Entry:
         """One entry's file, checked as at start (on the inference thread)."""
         return self._read(self.dir / f"{key}{SUFFIX}")
 
     def _read(self, path: Path) -> Entry:
         """Raises OSError or ValueError (with what is wrong) for a file that is not a whole entry
-        of this model: every length is checked against the file's size before it is read, so a
-        damaged header can neither make it allocate gigabytes nor fail in any other way."""
+        of this model. The header's counts are checked against n_ctx and the file's size before
+        anything else is read, so a damaged header cannot make it allocate more than the file."""
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             if f.read(len(MAGIC)) != MAGIC:
@@ -349,23 +360,23 @@ class DiskStore:
                 if header.get(key) != value:
                     raise ValueError(f"made for another {key}")
             n_tokens, state_bytes = header.get("n_tokens"), header.get("state_bytes")
-            if not _count(n_tokens) or not _count(state_bytes):
+            n_ctx = self.fingerprint.get("n_ctx")
+            if not _count(n_tokens) or not _count(state_bytes) or n_tokens == 0 or (
+                    isinstance(n_ctx, int) and n_tokens > n_ctx):
                 raise ValueError(f"bad header: n_tokens {n_tokens!r}, state_bytes {state_bytes!r}")
-            body = size - f.tell()
-            if 4 * n_tokens > body:
-                raise ValueError(f"truncated: {body} bytes for {n_tokens} tokens")
-            tokens = struct.unpack(f"<{n_tokens}i", f.read(4 * n_tokens))
-            # At most one byte more than the header says (to notice a longer file), never more than is there.
-            state = f.read(min(state_bytes + 1, body - 4 * n_tokens))
-        if len(state) < state_bytes:
-            raise ValueError(f"truncated: {len(state)} of {state_bytes} state bytes")
-        if len(state) > state_bytes:
-            raise ValueError("longer than its header says")
-        if hashlib.sha256(state).hexdigest() != header.get("state_sha256"):
-            raise ValueError("state checksum mismatch")
-        entry = Entry(tuple(tokens), state, persisted=True)
+            body, expected = size - f.tell(), 4 * n_tokens + state_bytes
+            if body < expected:
+                raise ValueError(f"truncated: {body} of {expected} bytes after the header")
+            if body > expected:
+                raise ValueError("longer than its header says")
+            raw_tokens, state = f.read(4 * n_tokens), f.read(state_bytes)
+        if len(raw_tokens) + len(state) < expected:  # cut short since fstat
+            raise ValueError(f"truncated: {len(raw_tokens) + len(state)} of {expected} bytes after the header")
+        entry = Entry(struct.unpack(f"<{n_tokens}i", raw_tokens), state, persisted=True)
         if entry.key != path.name[: -len(SUFFIX)]:
             raise ValueError("file name does not match its tokens")
+        if hashlib.sha256(state).hexdigest() != header.get("state_sha256"):
+            raise ValueError("state checksum mismatch")
         return entry
 
 
