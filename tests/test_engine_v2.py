@@ -388,14 +388,21 @@ def test_quantized_kv_cache_answers_and_takes_less_memory(tmp_path: Path, gemma_
     assert rss["q8_0"] - rss["q4_0"] > 0.8 * (kv["q8_0"] - kv["q4_0"]), (rss, kv)
 
 
+def start_long_prompt_step(d: DaemonProcess, c: Any) -> None:
+    """Send LONG_PROMPT as job "long" and return once llama.cpp is inside its one 1800-token step
+    (seconds long under ONE_STEP): the job runs, then a short wait so the step has begun."""
+    c.send({"id": "long", "prompt": LONG_PROMPT, "raw": True, "max_tokens": 2, "stream": True})
+    with d.client() as watcher:
+        wait_status(watcher, lambda s: s["engine"]["running"] == ["long"], timeout=30)
+    time.sleep(0.3)
+
+
 def test_cancel_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path: Path) -> None:
     cfg = write_config(tmp_path, gemma_path, ONE_STEP)
     with DaemonProcess(cfg) as d:
         d.wait_ready()
-        with d.client() as c, d.client() as watcher:
-            c.send({"id": "long", "prompt": LONG_PROMPT, "raw": True, "max_tokens": 2, "stream": True})
-            wait_status(watcher, lambda s: s["engine"]["running"] == ["long"], timeout=30)
-            time.sleep(0.3)  # inside the one 1800-token step (seconds long), not before it
+        with d.client() as c:
+            start_long_prompt_step(d, c)
             c.send({"op": "cancel", "id": "long"})
             final = list(read_until_final(c, "long"))[-1]
             after = c.call({"prompt": ONCE, "raw": True, "max_tokens": 4})
@@ -447,10 +454,8 @@ def test_a_shutdown_stops_inside_one_long_prompt_step(tmp_path: Path, gemma_path
     cfg = write_config(tmp_path, gemma_path, {**ONE_STEP, "shutdown": {"drain_seconds": 0}})
     with DaemonProcess(cfg) as d:
         d.wait_ready()
-        with d.client() as c, d.client() as watcher:
-            c.send({"id": "long", "prompt": LONG_PROMPT, "raw": True, "max_tokens": 2, "stream": True})
-            wait_status(watcher, lambda s: s["engine"]["running"] == ["long"], timeout=30)
-            time.sleep(0.3)  # inside the one 1800-token step (seconds long), not before it
+        with d.client() as c:
+            start_long_prompt_step(d, c)
             d.signal(signal.SIGTERM)
             final = list(read_until_final(c, "long"))[-1]
         assert d.wait(60) == 0
