@@ -109,3 +109,16 @@ def test_the_adapter_hands_over_puback_of_qos1_and_nothing_for_qos0_writes(tmp_p
         assert items.empty(), items.get_nowait()
     finally:
         client.close()
+
+
+def test_a_streams_properties_are_packed_once_and_decode_as_paho_packs_them() -> None:
+    from daemon.transports.mqtt.client import _publish_properties
+
+    fields = (True, b"\x00corr", "app/inbox", 30, (("edgellm-hops", "1"),))
+    once = _publish_properties(*fields, packed_once=True)
+    plain = _publish_properties(*fields, packed_once=False)
+    assert once.pack() == plain.pack() and once.pack() is once.pack()
+    decoded = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    decoded.unpack(once.pack())
+    assert (decoded.ContentType, decoded.CorrelationData, decoded.ResponseTopic, decoded.MessageExpiryInterval,
+            decoded.UserProperty) == ("application/json", b"\x00corr", "app/inbox", 30, [("edgellm-hops", "1")])

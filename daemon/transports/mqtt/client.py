@@ -36,6 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from daemon.transports.mqtt.direct_writes import DirectWriteClient
 from daemon.transports.mqtt.topics import Backoff
 
 if TYPE_CHECKING:
@@ -147,10 +148,11 @@ class PahoClient:
         # and the set, so a write reported before publish() returned is still recognised.
         self._stream_lock = threading.Lock()
         self._stream_mids: set[int] = set()
+        self._stream_properties: dict[tuple[Any, ...], Properties] = {}  # dispatcher only
         self._closing = False
         # Read on the network thread, written by the dispatcher on reload (a plain int).
         self.max_payload_bytes = cfg.max_payload_bytes
-        client = paho.Client(
+        client = DirectWriteClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=None if self.v5 else False,
@@ -180,6 +182,10 @@ class PahoClient:
         client.on_publish = self._cb_publish
         client.on_subscribe = self._cb_subscribe
         client.on_socket_open = _disable_nagle
+        client.on_stream_written = self._stream_written
+        # The dispatcher writes what it publishes and acknowledges itself (direct_writes.py), except
+        # over TLS, where only paho's network thread may use the socket.
+        self.direct_writes = not cfg.tls.enabled and client.supported()
         self._paho = client
 
     # --- lifecycle (dispatcher) --------------------------------------------------------------
@@ -221,24 +227,26 @@ class PahoClient:
     ) -> Sent:
         props = None
         if self.v5 and (json_content or correlation or response_topic or expiry_s is not None or user_properties):
-            props = _properties(PacketTypes.PUBLISH)
-            if json_content:
-                props.ContentType = "application/json"
-            if correlation is not None:
-                props.CorrelationData = correlation
-            if response_topic is not None:
-                props.ResponseTopic = response_topic
-            if expiry_s is not None:
-                props.MessageExpiryInterval = expiry_s
-            if user_properties:
-                props.UserProperty = list(user_properties)
+            key = (json_content, correlation, response_topic, expiry_s, user_properties)
+            props = self._stream_properties.get(key) if qos == 0 else None
+            if props is None:
+                props = _publish_properties(*key, packed_once=qos == 0)
+                if qos == 0:  # a stream: the same properties for each of its events
+                    if len(self._stream_properties) >= STREAM_PROPERTIES_MAX:
+                        self._stream_properties.clear()
+                    self._stream_properties[key] = props
         if qos == 0:
-            with self._stream_lock:
+            with self._stream_lock, self._deferred():
                 info = self._paho.publish(topic, payload, qos=0, retain=retain, properties=props)
                 if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     self._stream_mids.add(info.mid)
         else:
-            info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            with self._stream_lock, self._deferred():
+                info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
+                # A stream mid left over (its packet dropped by a reconnect, never reported) must not
+                # swallow this one's PUBACK once the counter wraps.
+                self._stream_mids.discard(info.mid)
+        self._write_deferred()
         ok = info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
         offline = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN or not self._paho.is_connected()
         if not ok:
@@ -255,7 +263,24 @@ class PahoClient:
 
     def ack(self, mid: int, qos: int) -> None:
         if qos > 0:
-            self._paho.ack(mid, qos)
+            with self._deferred():
+                self._paho.ack(mid, qos)
+            self._write_deferred()
+
+    def _deferred(self) -> contextlib.AbstractContextManager[None]:
+        return self._paho.deferring() if self.direct_writes else contextlib.nullcontext()
+
+    def _write_deferred(self) -> None:
+        # Outside `_stream_lock`: a write reports its QoS 0 mid to `_stream_written`, which takes it.
+        if self.direct_writes:
+            try:
+                self._paho.write_queued()
+            except Exception:  # paho's thread writes what is left (write_queued woke it)
+                log.exception("mqtt.direct_write_failed")
+
+    def _stream_written(self, mid: int) -> None:  # a QoS 0 PUBLISH this thread wrote itself
+        with self._stream_lock:
+            self._stream_mids.discard(mid)
 
     def subscribe(self, filters: list[str]) -> None:
         self._paho.subscribe([(f, 1) for f in filters])
@@ -327,14 +352,46 @@ def _disable_nagle(client: paho.Client, userdata: Any, sock: Any) -> None:
 
 
 _PAHO_TABLES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+STREAM_PROPERTIES_MAX = 64  # streams whose PUBLISH properties are kept (more are built again)
 
 
-def _properties(packet_type: int) -> Properties:
+class _PackedOnce(Properties):
+    """Properties never changed once built (a stream's, the same for each of its events): paho
+    packs them at every publish, a fifth of the dispatcher's time per streamed token; this packs
+    them once."""
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            packed = bytes(super().pack())  # type: ignore[no-untyped-call]
+            object.__setattr__(self, "_packed", packed)  # paho's __setattr__ takes property names only
+        return packed
+
+
+def _properties(packet_type: int, kind: type[Properties] = Properties) -> Properties:
     """paho builds its constant property tables (two dicts and a list, ~7 KB) anew in every
     `Properties`, and keeps a published message's until its PUBACK: thousands under a flood of
     answers. They are only read, so every one we make shares one set."""
-    props = Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
+    props = kind(packet_type)  # paho leaves __init__ unannotated
     props.types, props.names, props.properties = _PAHO_TABLES.types, _PAHO_TABLES.names, _PAHO_TABLES.properties
+    return props
+
+
+def _publish_properties(
+    json_content: bool, correlation: bytes | None, response_topic: str | None, expiry_s: int | None,
+    user_properties: tuple[tuple[str, str], ...], *, packed_once: bool,
+) -> Properties:
+    props = _properties(PacketTypes.PUBLISH, _PackedOnce if packed_once else Properties)
+    if json_content:
+        props.ContentType = "application/json"
+    if correlation is not None:
+        props.CorrelationData = correlation
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if expiry_s is not None:
+        props.MessageExpiryInterval = expiry_s
+    if user_properties:
+        props.UserProperty = list(user_properties)
     return props
 
 
