@@ -241,10 +241,14 @@ class PahoClient:
                 if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     self._stream_mids.add(info.mid)
         else:
-            with self._stream_lock, self._deferred():
+            # Not under `_stream_lock`: paho's thread holds its message lock while it reports a
+            # PUBACK to `_cb_publish`, which takes `_stream_lock`, and `publish` takes that lock.
+            with self._deferred():
                 info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            with self._stream_lock:
                 # A stream mid left over (its packet dropped by a reconnect, never reported) must not
-                # swallow this one's PUBACK once the counter wraps.
+                # swallow this one's PUBACK once the counter wraps. Direct writes have not sent the
+                # packet yet, so no PUBACK for it can have come before this.
                 self._stream_mids.discard(info.mid)
         self._write_deferred()
         ok = info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
