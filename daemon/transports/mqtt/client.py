@@ -247,8 +247,9 @@ class PahoClient:
                 info = self._paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
             with self._stream_lock:
                 # A stream mid left over (its packet dropped by a reconnect, never reported) must not
-                # swallow this one's PUBACK once the counter wraps. Direct writes have not sent the
-                # packet yet, so no PUBACK for it can have come before this.
+                # swallow this one's PUBACK once the counter wraps. The packet is usually not sent yet
+                # (the direct write below sends it); paho's thread sends it first only if something
+                # else woke it meanwhile, and then its PUBACK must also come back before this line.
                 self._stream_mids.discard(info.mid)
         self._write_deferred()
         ok = info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
