@@ -162,6 +162,7 @@ class Received:
         self.qos = int(msg.qos)  # as delivered: the lower of the publish's and the subscription's
         props = msg.properties
         self.correlation: bytes | None = getattr(props, "CorrelationData", None) if props is not None else None
+        self.content_type: str | None = getattr(props, "ContentType", None) if props is not None else None
         self.at = time.monotonic()
 
     @property
